@@ -1,0 +1,251 @@
+"""One typed configuration for the whole pipeline.
+
+Every stage reads its own frozen section; the whole object is logged to MLflow as-is.
+Sources, in order of precedence: defaults here < a YAML/JSON file < ``--set section.name=value``.
+GRU4Rec parameters keep their published names so published settings carry over unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pipeline.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How raw click logs are read."""
+
+    format: str | None = None  # None = detect; see pipeline.ingest.FORMATS
+    session_gap_minutes: float = 30.0  # inactivity gap used to sessionize user-only logs
+    column_map: dict[str, str] = field(default_factory=dict)  # canonical name -> source column (generic CSV/Parquet)
+    delimiter: str | None = None  # generic CSV only; None = detect from the extension
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    """Thresholds of the Great Expectations suite."""
+
+    timestamp_floor: str = "2000-01-01T00:00:00Z"  # no event may be older than this
+    partition_end: str | None = None  # no event may be newer than this (the data interval end)
+    max_quarantine_share: float = 0.01  # table-level failure above this share of bad rows
+    min_rows: int = 1
+    max_session_length: int = 200  # longer sessions are flagged as bot-like and quarantined
+    max_partition_age_days: float | None = None  # freshness: newest event at most this old vs partition_end
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Sessionize, filter and split into train / valid / test."""
+
+    test_days: float = 1.0
+    valid_days: float = 1.0
+    min_session_length: int = 2  # 0 = off
+    min_item_support: int = 5  # 0 = off
+    drop_repeats: bool = False  # RSC15 keeps consecutive repeats
+
+
+@dataclass(frozen=True)
+class GRU4RecConfig:
+    """GRU4Rec hyperparameters under their published names (defaults: the RSC15 row of the paper)."""
+
+    loss: str = "cross-entropy"  # cross-entropy | bpr-max
+    layers: tuple[int, ...] = (100,)
+    batch_size: int = 32
+    learning_rate: float = 0.2
+    momentum: float = 0.2
+    n_sample: int = 2048
+    sample_alpha: float = 0.5
+    dropout_p_embed: float = 0.0
+    dropout_p_hidden: float = 0.4
+    constrained_embedding: bool = True
+    embedding: int = 0  # size of a separate input embedding; 0 = none (ignored when constrained)
+    elu_param: float = 0.0
+    bpreg: float = 0.0
+    logq: float = 1.0
+    n_epochs: int = 10
+    seed: int = 42
+    sample_cache_size: int = 10_000_000  # how many negative samples are pre-drawn at once
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    cutoffs: tuple[int, ...] = (1, 5, 10, 20)
+    ties: str = "conservative"  # conservative | standard | median
+    batch_size: int = 512
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """MLflow tracking, registry and promotion rules."""
+
+    experiment: str = "gru4rec-pipeline"
+    registered_model: str = "gru4rec"
+    champion_alias: str = "champion"
+    challenger_alias: str = "challenger"
+    primary_metric: str = "mrr@20"
+    promotion_margin: float = 0.0  # candidate must beat the champion by at least this (absolute)
+    significance: float = 0.05  # paired bootstrap p-value threshold
+    bootstrap_samples: int = 2000
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    build: BuildConfig = field(default_factory=BuildConfig)
+    gru4rec: GRU4RecConfig = field(default_factory=GRU4RecConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def pipeline_home() -> Path:
+    """Everything a local run writes goes under ``$PIPELINE_HOME`` (default ``./.local``)."""
+    return Path(os.environ.get("PIPELINE_HOME", ".local")).resolve()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building configs from mappings, files and --set overrides
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        items = value if isinstance(value, list | tuple) else [value]
+        return tuple(_coerce(v, args[0], where) for v in items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
+            return value.lower() in {"true", "1", "yes"}
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            try:
+                return int(str(value))
+            except ValueError:
+                raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+        return int(value)
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    return value
+
+
+def from_mapping(cls: type[T], mapping: dict[str, Any], where: str = "") -> T:
+    """Build a (nested) config dataclass from a plain mapping, naming any unknown key or bad value."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(mapping) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(where + k for k in unknown)}; known: {', '.join(sorted(known))}"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in mapping.items():
+        tp = hints[name]
+        if is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{name}: expected a section (mapping), got {value!r}")
+            kwargs[name] = from_mapping(tp, value, f"{where}{name}.")  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(value, tp, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or JSON file into a mapping (an error names the file when it is not one)."""
+    import yaml
+
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
+    try:
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of setting names to values")
+    return data
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """Turn ``["a.b=1", "layers=[100,100]"]`` into a nested mapping; values are parsed as YAML scalars/lists."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects name=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """The pipeline config from defaults, an optional file and ``--set`` overrides."""
+    mapping = read_config_file(path) if path else {}
+    mapping = deep_merge(mapping, parse_overrides(overrides))
+    return from_mapping(PipelineConfig, mapping)
+
+
+def load_gru4rec_config(path: str | Path | None = None, overrides: list[str] | None = None) -> GRU4RecConfig:
+    """GRU4Rec parameters from a flat file of published names (or a ``gru4rec:`` section) plus overrides."""
+    mapping = read_config_file(path) if path else {}
+    if "gru4rec" in mapping and isinstance(mapping["gru4rec"], dict):
+        mapping = mapping["gru4rec"]
+    flat = parse_overrides(overrides)
+    flat = flat.get("gru4rec", {}) | {k: v for k, v in flat.items() if k != "gru4rec"}
+    return from_mapping(GRU4RecConfig, deep_merge(mapping, flat), "gru4rec.")
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A JSON-ready dict of any config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
