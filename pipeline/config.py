@@ -29,6 +29,7 @@ class IngestConfig:
     session_gap_minutes: float = 30.0  # inactivity gap used to sessionize user-only logs
     column_map: dict[str, str] = field(default_factory=dict)  # canonical name -> source column (generic CSV/Parquet)
     delimiter: str | None = None  # generic CSV only; None = detect from the extension
+    timestamp_unit: str = "s"  # numeric timestamps in generic CSV/Parquet: s | ms | us (since the unix epoch)
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,10 @@ class ValidationConfig:
     max_quarantine_share: float = 0.01  # table-level failure above this share of bad rows
     min_rows: int = 1
     max_session_length: int = 200  # longer sessions are flagged as bot-like and quarantined
-    max_partition_age_days: float | None = None  # freshness: newest event at most this old vs partition_end
+    # freshness: the newest event is at most this old at the partition's end (checked when the end is known:
+    # a dt=YYYY-MM-DD folder or partition_end); None = off
+    max_partition_age_days: float | None = 1.0
+    check_session_order: bool | None = None  # None = the input format decides (Diginetica rows are unordered)
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,25 @@ class GRU4RecConfig:
     seed: int = 42
     sample_cache_size: int = 10_000_000  # how many negative samples are pre-drawn at once
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
+        problems = []
+        if self.loss not in ("cross-entropy", "bpr-max"):
+            problems.append(f"loss must be cross-entropy or bpr-max, got {self.loss!r}")
+        if not self.layers or min(self.layers) < 1:
+            problems.append(f"layers must be a non-empty list of positive sizes, got {list(self.layers)}")
+        for name in ("batch_size", "n_epochs", "sample_cache_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("learning_rate", "momentum", "n_sample", "sample_alpha", "embedding", "elu_param", "bpreg", "logq"):
+            if not getattr(self, name) >= 0:
+                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("dropout_p_embed", "dropout_p_hidden"):
+            if not 0 <= getattr(self, name) < 1:
+                problems.append(f"{name} is a drop probability in [0, 1), got {getattr(self, name)}")
+        if problems:
+            raise ConfigError("gru4rec: " + "; ".join(problems))
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -86,16 +109,55 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    """MLflow tracking, registry and promotion rules."""
+    """MLflow tracking, registry and promotion rules.
+
+    The tracking server comes from ``MLFLOW_TRACKING_URI``; without it runs go to an embedded SQLite store
+    under ``$PIPELINE_HOME`` (see ``pipeline.tracking.tracking_uri``).
+    """
 
     experiment: str = "gru4rec-pipeline"
     registered_model: str = "gru4rec"
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"
-    primary_metric: str = "mrr@20"
+    primary_metric: str = "mrr_at_20"  # mrr_at_K or recall_at_K ("mrr@20" is accepted too)
     promotion_margin: float = 0.0  # candidate must beat the champion by at least this (absolute)
     significance: float = 0.05  # paired bootstrap p-value threshold
     bootstrap_samples: int = 2000
+    bootstrap_seed: int = 0
+    require_validation: bool = True  # refuse candidates whose training data has no passing GX report
+    system_metrics: bool = True  # CPU/memory (and GPU with nvidia-ml-py) sampled during training runs
+    system_metrics_interval_s: float = 10.0
+    lock_timeout_s: float = 900.0  # how long a promotion waits for a concurrent one to finish
+    lock_stale_s: float = 3600.0  # a promotion lock older than this was left by a crashed process
+
+
+def _default_grid() -> dict[str, Any]:
+    return {"learning_rate": [0.1, 0.2], "dropout_p_hidden": [0.2, 0.4]}
+
+
+@dataclass(frozen=True)
+class AirflowConfig:
+    """The scheduled DAG (dags/gru4rec_daily.py): where data lives, GPU routing, retries, the search grid.
+
+    Each run's Params (trigger form) can override the window, the grid and the promotion margin.
+    """
+
+    dag_id: str = "gru4rec_daily"
+    schedule: str | None = "@daily"  # cron expression or preset; None = manual runs only
+    start_date: str = "2026-01-01"
+    data_uri: str = ""  # click-log root with dt=YYYY-MM-DD/ partitions; "" = $PIPELINE_DATA_URI or $PIPELINE_HOME/data/clicks
+    output_uri: str = ""  # validated partitions, datasets, models; "" = $PIPELINE_OUTPUT_URI or $PIPELINE_HOME/output
+    train_days: int = 7  # rolling training window (days, ending at the run's date) incl. valid/test days
+    queue: str = "gpu"  # Celery queue of the training tasks (a worker started with `-q gpu`)
+    pool: str = "gpu"  # Airflow pool bounding how many trials share the GPU(s)
+    retries: int = 2
+    retry_delay_minutes: float = 2.0  # first retry; doubles each time up to max_retry_delay_minutes
+    max_retry_delay_minutes: float = 30.0
+    # Hyperparameter grid: a mapping of GRU4Rec parameter -> list of values (cartesian product), or a
+    # list of mappings (one per trial). Applied on top of the gru4rec section.
+    grid: Any = field(default_factory=_default_grid)
+    alert_callback: str = ""  # "module:function" called with the failure message; "" = log only
+    api_conn_id: str = "airflow_api"  # Airflow connection to the REST API, used to set the DAG run note
 
 
 @dataclass(frozen=True)
@@ -106,6 +168,7 @@ class PipelineConfig:
     gru4rec: GRU4RecConfig = field(default_factory=GRU4RecConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    airflow: AirflowConfig = field(default_factory=AirflowConfig)
 
 
 def pipeline_home() -> Path:

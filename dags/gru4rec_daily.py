@@ -1,0 +1,153 @@
+"""
+### GRU4Rec daily training
+
+Every day this DAG turns the day's click logs into a new candidate recommender and promotes it only
+when it is better than the model in production.
+
+1. **plan** / **partitions**: the run's date (the logical date, or the `window_end` Param), the
+   trials of the grid, where every output goes (all addressed by the date, so a re-run overwrites
+   instead of duplicating) and the click-log partitions `dt=YYYY-MM-DD/` of the training window.
+2. **validate** (one mapped task per partition): the Great Expectations suite; bad rows go to
+   quarantine, a table-level failure (missing column, empty day, too many bad rows) fails the run
+   here, before any training, with the path of the report in the log.
+3. **build**: the Parquet session dataset (train / valid / test) of the window; emits the Asset
+   `gru4rec_session_dataset` so other DAGs can react to a new dataset.
+4. **prepare_trials** / **train** (one mapped task per grid point): GRU4Rec training on the `gpu`
+   queue and in the `gpu` pool (how many trials share the GPUs); each trial is an MLflow run nested
+   under one parent run per DAG run, keyed by (date, trial) so retries resume instead of duplicating.
+5. **promote**: registers the best trial and compares it with the `@champion` on the same test data
+   (paired bootstrap on MRR@20 plus the promotion margin); the alias moves only when it is better.
+6. **summary**: the decision, metrics vs champion and baselines and links to the MLflow runs, in the
+   task log and as this DAG run's note.
+
+**Trigger with config** to override the date window, the grid (a mapping of GRU4Rec parameter ->
+list of values, or a list of per-trial mappings), the training window and the promotion margin.
+Deployment settings (data/output roots, queue, pool, retries, schedule) come from the pipeline
+config file named by `PIPELINE_CONFIG` (section `airflow:`) and `PIPELINE_DATA_URI` /
+`PIPELINE_OUTPUT_URI` / `MLFLOW_TRACKING_URI`. The `gpu` pool must exist
+(`airflow pools set gpu 1 "GPU trainers"`) and a Celery worker must listen on the queue
+(`airflow celery worker -q gpu`). All logic lives in `pipeline/tasks.py`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.sdk import Asset, Param, dag, get_current_context, task
+
+from pipeline import tasks
+
+SETTINGS = tasks.dag_settings()
+SESSION_DATASET = Asset(name="gru4rec_session_dataset", uri=SETTINGS.dataset_asset_uri)
+
+
+@dag(
+    dag_id=SETTINGS.dag_id,
+    schedule=SETTINGS.timetable(),
+    start_date=SETTINGS.start_date,
+    catchup=False,
+    max_active_runs=1,
+    default_args={
+        "owner": "ml-platform",
+        "retries": SETTINGS.retries,
+        "retry_delay": SETTINGS.retry_delay,
+        "retry_exponential_backoff": 2.0,
+        "max_retry_delay": SETTINGS.max_retry_delay,
+        # Bad data, bad settings and NaN losses fail at once: retrying cannot fix them.
+        "retry_policy": SETTINGS.retry_policy(),
+        "on_failure_callback": tasks.on_task_failure,
+    },
+    params={
+        "window_start": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            description="First day to validate (YYYY-MM-DD); empty = the run's date.",
+        ),
+        "window_end": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            description="The run's date: last day of data (YYYY-MM-DD); empty = the logical date.",
+        ),
+        "train_days": Param(
+            SETTINGS.train_days,
+            type="integer",
+            minimum=1,
+            description="Days of data in the training window, ending at the run's date (valid/test included).",
+        ),
+        "grid": Param(
+            SETTINGS.grid,
+            type=["object", "array"],
+            description="Hyperparameter grid: {param: [values]} (cartesian product) or [{param: value}, ...].",
+        ),
+        "gru4rec": Param(
+            {},
+            type="object",
+            description='GRU4Rec settings applied to every trial before the grid, e.g. {"n_epochs": 5}.',
+        ),
+        "promotion_margin": Param(
+            SETTINGS.promotion_margin,
+            type="number",
+            minimum=0,
+            description="How much better (absolute, primary metric) a candidate must be than the champion.",
+        ),
+        "data_uri": Param(
+            "", type="string", description="Click-log root (local or s3://); empty = deployment default."
+        ),
+        "output_uri": Param(
+            "", type="string", description="Output root (local or s3://); empty = deployment default."
+        ),
+    },
+    doc_md=__doc__,
+    tags=["gru4rec", "training", "mlflow"],
+)
+def gru4rec_daily() -> None:
+    @task
+    def plan(params: dict[str, Any] | None = None, logical_date=None, dag_run=None) -> dict[str, Any]:
+        return tasks.plan_run(
+            params or {}, logical_date=logical_date, dag_id=dag_run.dag_id, run_id=dag_run.run_id
+        )
+
+    @task
+    def partitions(run: dict[str, Any]) -> list[dict[str, Any]]:
+        return tasks.list_partitions(run)
+
+    @task(map_index_template="{{ partition_date }}")
+    def validate(partition: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
+        get_current_context()["partition_date"] = partition["date"]  # type: ignore[typeddict-unknown-key]
+        return tasks.validate_partition(partition, run)
+
+    @task(outlets=[SESSION_DATASET])
+    def build(run: dict[str, Any], reports: list[dict[str, Any]], outlet_events=None) -> dict[str, Any]:
+        dataset = tasks.build_dataset(run, [reports[i] for i in range(len(reports))])
+        outlet_events[SESSION_DATASET].extra = tasks.asset_extra(run, dataset)
+        return dataset
+
+    @task
+    def prepare_trials(run: dict[str, Any], dataset: dict[str, Any]) -> list[dict[str, Any]]:
+        return tasks.prepare_trials(run, dataset)
+
+    @task(queue=SETTINGS.queue, pool=SETTINGS.pool, map_index_template="{{ trial_name }}")
+    def train(trial: dict[str, Any]) -> dict[str, Any]:
+        get_current_context()["trial_name"] = trial["name"]  # type: ignore[typeddict-unknown-key]
+        return tasks.train_trial(trial)
+
+    @task
+    def promote(
+        run: dict[str, Any], dataset: dict[str, Any], results: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        return tasks.evaluate_and_promote(run, dataset, [results[i] for i in range(len(results))])
+
+    @task
+    def summary(run: dict[str, Any], decision: dict[str, Any]) -> str:
+        return tasks.summarize(run, decision)
+
+    run = plan()
+    reports = validate.partial(run=run).expand(partition=partitions(run))
+    dataset = build(run, reports)
+    results = train.expand(trial=prepare_trials(run, dataset))
+    summary(run, promote(run, dataset, results))
+
+
+gru4rec_daily()

@@ -1,0 +1,504 @@
+"""Session-parallel GRU4Rec training with per-epoch checkpoints, resume and validation.
+
+The whole mini-batch schedule of an epoch is worked out once, before training, as flat index arrays
+(``Schedule``): which item each batch row reads, which item it must predict and which rows start a new
+session (their hidden state is zeroed). The hot loop then only slices those arrays, so each step costs a
+handful of tensor ops: gather the rows of the item tables it needs (inputs, in-batch targets, one shared
+block of popularity samples), one GRU step, scores for those items only, the loss, and Adagrad updates
+of the touched rows. Nothing in the loop waits on the device except a finite-loss check every
+``CHECK_EVERY`` steps.
+
+Reproducibility: the model is initialised from ``config.seed``, and every epoch re-seeds dropout and the
+sampler from (seed, epoch), so training resumed from the checkpoint of epoch k continues exactly like an
+uninterrupted run (bit-identical on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline import losses
+from pipeline.config import GRU4RecConfig, to_dict
+from pipeline.errors import ConfigError, TrainingError
+from pipeline.evaluate import ClickLog, ItemMap, build_item_map, evaluate, index_sessions, read_log
+from pipeline.model import GRU4Rec
+from pipeline.optim import AdagradM
+from pipeline.predict import CHECKPOINT, build_model, resolve_device
+from pipeline.sampling import PopularitySampler
+
+log = logging.getLogger(__name__)
+
+CHECK_EVERY = 64  # steps between finite-loss checks (the only device syncs of the loop)
+METRICS_FILE = "train_metrics.json"
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+# ---------------------------------------------------------------------------------------------------
+# The session-parallel schedule
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Every mini-batch step of one epoch, as flat arrays over all (step, batch row) pairs.
+
+    Step t covers entries ``bounds[t]:bounds[t+1]``: row r feeds ``inputs[i]`` and must predict
+    ``targets[i]``; ``fresh[i]`` is True when the row's session starts at this step (its hidden state must
+    be zero). While sessions remain, an ended session's row is taken by the next session in order; once
+    none remain the batch shrinks, and ``carry[t]`` lists, for such a step, which rows of the previous
+    step go on (None when the rows are unchanged).
+    """
+
+    inputs: np.ndarray
+    targets: np.ndarray
+    fresh: np.ndarray
+    bounds: np.ndarray
+    carry: dict[int, np.ndarray]
+    session_of: np.ndarray  # session (index into the log) of each entry, for tests and diagnostics
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.bounds) - 1
+
+    @property
+    def n_predictions(self) -> int:
+        return len(self.inputs)
+
+
+def build_schedule(items: np.ndarray, offsets: np.ndarray, batch_size: int) -> Schedule:
+    """Lay out the sessions (in log order) over ``batch_size`` parallel rows, one next-item step at a time.
+
+    Sessions with a single event carry no training signal and are skipped. Every other session is consumed
+    in full: the epoch does not stop when the remaining sessions no longer fill a batch.
+    """
+    import heapq
+
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    lengths = np.diff(offsets)
+    usable = np.flatnonzero(lengths >= 2)
+    n_pred = lengths[usable] - 1  # predictions (= steps) per session
+    slots = min(batch_size, len(usable))
+    if slots == 0:
+        raise TrainingError("no session has 2 or more events: nothing to train on")
+    # Assign each session to the slot that frees first (ties: lowest slot), at the step it frees.
+    free = [(0, s) for s in range(slots)]
+    slot = np.empty(len(usable), np.int64)
+    start = np.empty(len(usable), np.int64)
+    for j, steps in enumerate(n_pred.tolist()):
+        t, s = heapq.heappop(free)
+        slot[j], start[j] = s, t
+        heapq.heappush(free, (t + steps, s))
+    # One entry per prediction: step = session start step + k, input = event k, target = event k + 1.
+    sess = np.repeat(np.arange(len(usable)), n_pred)
+    k = np.arange(len(sess)) - np.repeat(np.cumsum(n_pred) - n_pred, n_pred)
+    step = start[sess] + k
+    order = np.lexsort((slot[sess], step))
+    step, sess, k = step[order], sess[order], k[order]
+    event = offsets[usable][sess] + k
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(step))]).astype(np.int64)
+    # When the batch shrinks, map each remaining row to its row in the previous step.
+    slot_of = slot[sess]
+    carry: dict[int, np.ndarray] = {}
+    sizes = np.diff(bounds)
+    for t in np.flatnonzero(sizes[1:] < sizes[:-1]) + 1:
+        prev = slot_of[bounds[t - 1] : bounds[t]]
+        carry[int(t)] = np.searchsorted(prev, slot_of[bounds[t] : bounds[t + 1]])
+    return Schedule(
+        inputs=items[event],
+        targets=items[event + 1],
+        fresh=k == 0,
+        bounds=bounds,
+        carry=carry,
+        session_of=usable[sess],
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# One epoch
+
+
+@dataclass
+class _DeviceSchedule:
+    """A schedule's arrays on the training device, plus the host-side bounds the loop slices with."""
+
+    inputs: Tensor
+    targets: Tensor
+    keep: Tensor  # float (n, 1): 0 where a session starts (its hidden row is zeroed), else 1
+    bounds: list[int]
+    carry: dict[int, Tensor]
+
+    @classmethod
+    def of(cls, schedule: Schedule, device: torch.device) -> _DeviceSchedule:
+        return cls(
+            inputs=torch.as_tensor(schedule.inputs, device=device),
+            targets=torch.as_tensor(schedule.targets, device=device),
+            keep=torch.as_tensor(~schedule.fresh, dtype=torch.float32, device=device).unsqueeze(1),
+            bounds=schedule.bounds.tolist(),
+            carry={t: torch.as_tensor(c, device=device) for t, c in schedule.carry.items()},
+        )
+
+
+class Trainer:
+    """The model, optimizer, sampler and loss settings of one training run; ``run_epoch`` does the work."""
+
+    def __init__(self, model: GRU4Rec, config: GRU4RecConfig, item_counts: np.ndarray, device: torch.device):
+        self.model = model
+        self.config = config
+        self.device = device
+        counts = torch.as_tensor(item_counts, dtype=torch.float64, device=device)
+        self.tables = [model.Wy, model.By] + [t for t in (model.E, model.Wx0) if t is not None]
+        dense = [p for p in model.parameters() if all(p is not t for t in self.tables)]
+        self.optimizer = AdagradM(dense, self.tables, lr=config.learning_rate, momentum=config.momentum)
+        self.sampler = (
+            PopularitySampler(counts, config.n_sample, config.sample_alpha, cache_size=config.sample_cache_size)
+            if config.n_sample > 0
+            else None
+        )
+        # logQ correction: in-batch targets were "sampled" by the data (popularity share), the extra
+        # samples by the sampler (popularity ** alpha).
+        self.log_q_targets = torch.log(counts.clamp_min(1) / counts.sum()).to(torch.float32)
+        self.log_q_samples = self.sampler.log_prob() if self.sampler is not None else None
+        self.use_log_q = config.loss == "cross-entropy" and config.logq != 0
+
+    def _step(self, x: Tensor, y: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """One mini-batch: forward on the gathered rows, loss, backward, Adagrad. Returns (row-sum loss, state).
+
+        Each item row is gathered once (``unique``) as a leaf tensor: the score matrix is computed against
+        the distinct rows and its columns expanded to (targets + samples), so the matrix product works on
+        fewer columns and the gradient of every touched row arrives already summed, ready for a row update.
+        """
+        cfg, model, opt = self.config, self.model, self.optimizer
+        b = x.shape[0]
+        sample = self.sampler.draw() if self.sampler is not None else None
+        out_items = torch.cat([y, sample]) if sample is not None else y
+        shared = model.constrained_embedding
+        rows, inverse = torch.unique(torch.cat([x, out_items]) if shared else out_items, return_inverse=True)
+        w_rows = model.Wy.detach().index_select(0, rows).requires_grad_()
+        b_rows = model.By.detach().index_select(0, rows).requires_grad_()
+        if shared:
+            x_rows = w_rows.index_select(0, inverse[:b])
+            columns = inverse[b:]
+        else:
+            x_rows = model.input_table.detach().index_select(0, x).requires_grad_()
+            columns = inverse
+
+        out, hidden = model.step(x_rows, hidden)
+        scores = model.score(out, w_rows, b_rows).index_select(1, columns)
+        log_q = None
+        if self.use_log_q:
+            parts = [self.log_q_targets.index_select(0, y)]
+            if sample is not None:
+                parts.append(self.log_q_samples.index_select(0, sample))
+            log_q = torch.cat(parts)
+        loss_sum = losses.compute(
+            cfg.loss, scores, log_q=log_q, logq=cfg.logq, bpreg=cfg.bpreg, elu_param=cfg.elu_param
+        )
+        (loss_sum / b).backward()
+
+        opt.step_dense()
+        opt.zero_grad()
+        opt.step_rows(model.Wy, rows, w_rows.grad, unique=True)
+        opt.step_rows(model.By, rows, b_rows.grad, unique=True)
+        if not shared:
+            opt.step_rows(model.input_table, x, x_rows.grad)
+        return loss_sum.detach(), [h.detach() for h in hidden]
+
+    def run_epoch(
+        self,
+        schedule: _DeviceSchedule,
+        epoch: int,
+        progress: Callable[[int, float], None] | None = None,
+        step_hook: Callable[[int, Tensor, list[Tensor]], None] | None = None,
+    ) -> float:
+        """Train one epoch over ``schedule``; returns the mean loss per prediction.
+
+        ``progress(steps_done, mean_loss)`` is called at each finite-loss check; ``step_hook(step, inputs,
+        hidden)`` sees the hidden state every step receives (tests use it to check the resets).
+        """
+        self.model.train()
+        seed = epoch_seed(self.config.seed, epoch)
+        torch.manual_seed(seed[0])  # dropout
+        if self.sampler is not None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed[1])
+            steps = len(schedule.bounds) - 1
+            self.sampler.reset(gen, rows=max(steps, 1))
+        bounds = schedule.bounds
+        n_steps = len(bounds) - 1
+        width = bounds[1] - bounds[0]
+        hidden = self.model.init_hidden(width, self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for t in range(n_steps):
+            lo, hi = bounds[t], bounds[t + 1]
+            carry = schedule.carry.get(t)
+            if carry is not None:
+                hidden = [h.index_select(0, carry) for h in hidden]
+            keep = schedule.keep[lo:hi]
+            hidden = [h * keep for h in hidden]
+            x = schedule.inputs[lo:hi]
+            if step_hook is not None:
+                step_hook(t, x, hidden)
+            loss_sum, hidden = self._step(x, schedule.targets[lo:hi], hidden)
+            total += loss_sum
+            if (t + 1) % CHECK_EVERY == 0 or t + 1 == n_steps:
+                value = float(total) / hi
+                if not math.isfinite(value):
+                    raise TrainingError(
+                        f"loss became {value} in epoch {epoch + 1} by step {t + 1}/{n_steps} "
+                        f"(learning_rate={self.config.learning_rate}, loss={self.config.loss}); "
+                        "training stopped, no checkpoint written for this epoch"
+                    )
+                if progress is not None:
+                    progress(t + 1, value)
+        return float(total) / bounds[-1]
+
+
+def epoch_seed(seed: int, epoch: int) -> tuple[int, int]:
+    """Independent (dropout, sampler) seeds for an epoch, derived from the run seed."""
+    a, b = np.random.SeedSequence([seed, epoch]).generate_state(2, dtype=np.uint64)
+    return int(a >> np.uint64(1)), int(b >> np.uint64(1))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def data_fingerprint(items: np.ndarray, offsets: np.ndarray, item_map: ItemMap) -> str:
+    """Identifies the training data a checkpoint was trained on (a resume on other data is refused)."""
+    h = hashlib.sha256()
+    for arr in (items.astype(np.int64), offsets.astype(np.int64), item_map.counts):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update("\x1f".join(item_map.item_ids.to_pylist()).encode())
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _same_run(saved: dict[str, Any], config: GRU4RecConfig) -> list[str]:
+    """Settings that differ between a checkpoint and this run (n_epochs may grow: training continues)."""
+    now = to_dict(config)
+    return sorted(k for k in now if k != "n_epochs" and saved.get(k) != now[k])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The public entry point
+
+
+@dataclass
+class TrainResult:
+    model_dir: Path
+    epochs: int
+    epoch_loss: list[float]
+    train_seconds: float
+    train_events_per_second: float
+    valid_metrics: list[dict[str, Any]] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+    metrics: dict[str, Any] = field(default_factory=dict)  # the train_metrics.json written
+
+
+def set_threads(threads: int) -> int:
+    """Use ``threads`` CPU threads (0 = all cores, at most 2 on small shared machines is torch's default)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+def train(
+    train: str | Path | ClickLog,
+    config: GRU4RecConfig,
+    out_dir: str | Path,
+    valid: str | Path | ClickLog | None = None,
+    device: str = "auto",
+    on_epoch_end: EpochCallback | None = None,
+    *,
+    resume: bool = True,
+    threads: int = 0,
+    valid_cutoffs: tuple[int, ...] = (5, 20),
+) -> TrainResult:
+    """Train GRU4Rec on ``train`` and write ``out_dir/checkpoint.pt`` (every epoch) and ``train_metrics.json``.
+
+    ``train``/``valid``: a GRU4Rec TSV file, a Parquet file of events or a session dataset directory (its
+    train / valid split). With ``resume`` (default), a checkpoint already in ``out_dir`` from the same
+    settings and data is continued from its last completed epoch; a finished one is returned as is.
+    ``on_epoch_end(epoch, metrics)`` gets the epoch number (1-based) and its loss / speed / valid metrics.
+    """
+    dev = resolve_device(device)
+    n_threads = set_threads(threads)
+    # Adagrad accumulators of rarely seen rows and tiny gradients produce denormal floats, which x86 CPUs
+    # process up to 100x slower (a whole epoch took 15x longer here); flushing them to zero costs nothing.
+    torch.set_flush_denormal(True)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    train_log = read_log(train, split="train")
+    valid_log = read_log(valid, split="valid") if valid is not None else None
+    item_map = build_item_map(train_log)
+    data = index_sessions(train_log, item_map)
+    schedule = build_schedule(data.items, data.offsets, config.batch_size)
+    fingerprint = data_fingerprint(data.items, data.offsets, item_map)
+    valid_data = index_sessions(valid_log, item_map) if valid_log is not None else None
+    log.info(
+        "training on %s: %d events, %d sessions, %d items, %d steps/epoch, device %s, %d CPU threads",
+        train_log.source, train_log.n_events, train_log.n_sessions, len(item_map), schedule.n_steps, dev, n_threads,
+    )
+
+    torch.manual_seed(config.seed)
+    model = build_model(config, len(item_map)).to(dev)
+    trainer = Trainer(model, config, item_map.counts, dev)
+    history: dict[str, list] = {"epoch_loss": [], "epoch_seconds": [], "valid": []}
+    start_epoch = 0
+    ckpt_path = out / CHECKPOINT
+    if ckpt_path.exists() and resume:
+        start_epoch, history = _resume(ckpt_path, config, fingerprint, model, trainer.optimizer)
+        log.info("resuming %s after epoch %d of %d", ckpt_path, start_epoch, config.n_epochs)
+
+    dev_schedule = _DeviceSchedule.of(schedule, dev)
+    for epoch in range(start_epoch, config.n_epochs):
+        bar = _Progress(epoch, config.n_epochs, schedule.n_steps, schedule.n_predictions)
+        began = time.perf_counter()
+        loss = trainer.run_epoch(dev_schedule, epoch, progress=bar.update)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - began
+        bar.close()
+        history["epoch_loss"].append(loss)
+        history["epoch_seconds"].append(seconds)
+        epoch_metrics: dict[str, float] = {
+            "loss": loss,
+            "epoch_seconds": seconds,
+            "train_events_per_second": train_log.n_events / seconds,
+        }
+        if valid_data is not None:
+            res = evaluate(model, item_map, valid_data, cutoffs=valid_cutoffs, baselines=False)
+            scores = {k: v for k, v in res.metrics.items() if "@" in k}
+            history["valid"].append({"epoch": epoch + 1} | scores)
+            epoch_metrics |= {f"valid_{k}": v for k, v in scores.items()}
+        save_checkpoint(
+            ckpt_path,
+            {
+                "format_version": 1,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "config": to_dict(config),
+                "item_ids": item_map.item_ids.to_pylist(),
+                "item_counts": item_map.counts.tolist(),
+                "optimizer": trainer.optimizer.state_dict(),
+                "epoch": epoch + 1,
+                "history": history,
+                "data_fingerprint": fingerprint,
+                "torch_version": str(torch.__version__),
+            },
+        )
+        log.info(
+            "epoch %d/%d: loss %.4f, %.1f s, %.0f events/s%s",
+            epoch + 1, config.n_epochs, loss, seconds, train_log.n_events / seconds,
+            "".join(f", valid {k} {v:.4f}" for k, v in epoch_metrics.items() if k.startswith("valid_")),
+        )
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, epoch_metrics)
+
+    train_seconds = float(sum(history["epoch_seconds"]))
+    epochs = len(history["epoch_loss"])
+    metrics = {
+        "train_seconds": train_seconds,
+        "train_events_per_second": train_log.n_events * epochs / train_seconds if train_seconds else 0.0,
+        "train_predictions_per_second": schedule.n_predictions * epochs / train_seconds if train_seconds else 0.0,
+        "epochs": epochs,
+        "epoch_loss": history["epoch_loss"],
+        "epoch_seconds": history["epoch_seconds"],
+        "valid": history["valid"],
+        "n_events": train_log.n_events,
+        "n_sessions": train_log.n_sessions,
+        "n_items": len(item_map),
+        "n_predictions_per_epoch": schedule.n_predictions,
+        "device": str(dev),
+        "cpu_threads": n_threads,
+        "resumed_from_epoch": start_epoch,
+        "config": to_dict(config),
+    }
+    tmp = out / (METRICS_FILE + ".tmp")
+    tmp.write_text(json.dumps(metrics, indent=2))
+    os.replace(tmp, out / METRICS_FILE)
+    return TrainResult(
+        model_dir=out,
+        epochs=epochs,
+        epoch_loss=history["epoch_loss"],
+        train_seconds=train_seconds,
+        train_events_per_second=metrics["train_events_per_second"],
+        valid_metrics=history["valid"],
+        resumed_from_epoch=start_epoch,
+        metrics=metrics,
+    )
+
+
+def _resume(
+    path: Path, config: GRU4RecConfig, fingerprint: str, model: GRU4Rec, optimizer: AdagradM
+) -> tuple[int, dict[str, list]]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    differ = _same_run(ckpt.get("config", {}), config)
+    if differ:
+        raise TrainingError(
+            f"{path} was trained with other settings ({', '.join(differ)}); "
+            "use another output directory or pass --no-resume to start over"
+        )
+    if ckpt.get("data_fingerprint") != fingerprint:
+        raise TrainingError(
+            f"{path} was trained on other data; use another output directory or --no-resume to start over"
+        )
+    model.load_state_dict(ckpt["state_dict"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    return int(ckpt["epoch"]), ckpt["history"]
+
+
+class _Progress:
+    """A tqdm bar per epoch on a terminal; plain log lines (every ~10% of the epoch) otherwise."""
+
+    def __init__(self, epoch: int, n_epochs: int, n_steps: int, n_predictions: int) -> None:
+        self.n_steps = n_steps
+        self.epoch = epoch
+        self.began = time.perf_counter()
+        self.per_step = n_predictions / max(n_steps, 1)
+        self.bar = None
+        self.next_log = 0.1
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{n_epochs}", unit="step", leave=False)
+
+    def update(self, steps: int, loss: float) -> None:
+        rate = steps * self.per_step / max(time.perf_counter() - self.began, 1e-9)
+        if self.bar is not None:
+            self.bar.n = steps
+            self.bar.set_postfix(loss=f"{loss:.4f}", pred_per_s=f"{rate:.0f}", refresh=True)
+        elif steps / self.n_steps >= self.next_log and steps < self.n_steps:
+            log.debug("epoch %d: %d/%d steps, loss %.4f, %.0f predictions/s", self.epoch + 1, steps, self.n_steps, loss, rate)
+            self.next_log += 0.1
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def config_with(config: GRU4RecConfig, **changes: Any) -> GRU4RecConfig:
+    """A copy of ``config`` with some parameters changed (validated like any config)."""
+    return dataclasses.replace(config, **changes)

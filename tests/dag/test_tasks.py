@@ -1,0 +1,145 @@
+"""Unit tests of the task bodies' own logic (no Airflow, no MLflow): dates, windows, grids, partitions, notes."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from pipeline import tasks
+from pipeline.errors import ConfigError, InputError
+
+LOGICAL = dt.datetime(2026, 3, 5, tzinfo=dt.UTC)
+
+
+def plan(**params):
+    return tasks.plan_run(params, logical_date=LOGICAL, dag_id="gru4rec_daily", run_id="manual__x")
+
+
+def test_grid_mapping_is_a_cartesian_product_with_published_names(pipeline_home: Path) -> None:
+    trials = tasks.expand_grid({"learning_rate": [0.1, 0.2], "layers": [[64], [64, 64]]}, {"n_epochs": 2})
+    assert [t["name"] for t in trials] == ["t00", "t01", "t02", "t03"]
+    assert [(t["params"]["learning_rate"], t["params"]["layers"]) for t in trials] == [
+        (0.1, [64]),
+        (0.1, [64, 64]),
+        (0.2, [64]),
+        (0.2, [64, 64]),
+    ]
+    assert all(t["params"]["n_epochs"] == 2 for t in trials)
+    assert trials[0]["label"] == "learning_rate=0.1, layers=[64]"
+    assert len({t["key"] for t in trials}) == 4
+
+
+def test_grid_list_dedupes_and_keys_depend_only_on_the_parameters(pipeline_home: Path) -> None:
+    a = tasks.expand_grid([{"learning_rate": 0.1}, {"learning_rate": 0.1}, {"momentum": 0.0}])
+    assert [t["label"] for t in a] == ["learning_rate=0.1", "momentum=0.0"]  # the repeated point is run once
+    b = tasks.expand_grid([{"learning_rate": 0.1}])
+    assert a[0]["key"] == b[0]["key"]  # same settings -> same MLflow run key on a re-run with another grid
+    assert tasks.expand_grid({})[0]["label"] == "base"
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ({"learning_rat": [0.1]}, "learning_rat"),
+        ({"learning_rate": []}, "at least one value"),
+        ({"batch_size": ["big"]}, "batch_size"),
+        ("learning_rate=0.1", "expected"),
+    ],
+)
+def test_bad_grids_fail_in_plan_with_the_name(pipeline_home: Path, grid, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        plan(grid=grid)
+
+
+def test_plan_addresses_every_output_by_the_run_date(pipeline_home: Path) -> None:
+    run = plan(grid={"learning_rate": [0.1]}, gru4rec={"n_epochs": 1}, promotion_margin=0.01, train_days=3)
+    out = str(pipeline_home / "output")
+    assert run["date"] == "2026-03-05"
+    assert run["window_start"] == "2026-03-05" and run["train_start"] == "2026-03-03"
+    assert run["data_uri"] == str(pipeline_home / "data" / "clicks")
+    assert run["dataset_uri"] == f"{out}/datasets/dt=2026-03-05"
+    assert run["models_uri"] == f"{out}/models/dt=2026-03-05"
+    assert run["summary_uri"] == f"{out}/runs/dt=2026-03-05/summary.json"
+    assert run["config"]["tracking"]["promotion_margin"] == 0.01
+    assert [t["params"]["n_epochs"] for t in run["trials"]] == [1]
+
+
+def test_plan_window_params_and_roots(pipeline_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIPELINE_OUTPUT_URI", "s3://bucket/prod")
+    run = plan(window_start="2026-02-27", window_end="2026-03-01", train_days=2, data_uri="s3://raw/clicks/")
+    assert (run["date"], run["window_start"], run["train_start"]) == (
+        "2026-03-01",
+        "2026-02-27",
+        "2026-02-27",
+    )
+    assert run["data_uri"] == "s3://raw/clicks"
+    assert run["dataset_uri"] == "s3://bucket/prod/datasets/dt=2026-03-01"
+    with pytest.raises(ConfigError, match="after window_end"):
+        plan(window_start="2026-03-09")
+    with pytest.raises(ConfigError, match="window_end"):
+        plan(window_end="yesterday")
+    with pytest.raises(ConfigError, match="no logical date"):
+        tasks.plan_run({}, logical_date=None, dag_id="d", run_id="r")
+
+
+def test_partitions_of_the_window(pipeline_home: Path) -> None:
+    clicks = pipeline_home / "data" / "clicks"
+    for day in ("2026-03-02", "2026-03-04", "2026-03-05"):
+        (clicks / f"dt={day}").mkdir(parents=True)
+    run = plan(train_days=4)
+    parts = tasks.list_partitions(run)
+    # 03-03 is missing: an older day of the window may be absent (the window is shorter).
+    assert [(p["date"], p["reuse"]) for p in parts] == [
+        ("2026-03-02", True),
+        ("2026-03-04", True),
+        ("2026-03-05", False),
+    ]
+    assert parts[-1]["input_uri"] == f"{clicks}/dt=2026-03-05"
+    assert parts[-1]["out_uri"] == f"{pipeline_home / 'output'}/validated/dt=2026-03-05"
+    # A day of the run's own window must exist.
+    with pytest.raises(InputError, match="dt=2026-03-03"):
+        tasks.list_partitions(plan(window_start="2026-03-03", train_days=1))
+
+
+def test_note_fits_airflow_and_keeps_links(pipeline_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIPELINE_MLFLOW_UI_URL", "http://mlflow.example:5000/")
+    trial = {
+        "name": "t00",
+        "label": "learning_rate=0.1",
+        "run_id": "abc",
+        "metrics": {
+            "mrr_at_20": 0.31,
+            "recall_at_20": 0.6,
+            "baseline_spop_mrr_at_20": 0.2,
+            "baseline_pop_mrr_at_20": 0.01,
+        },
+    }
+    promoted = {
+        "decision": {
+            "action": "challenger",
+            "metric": "mrr_at_20",
+            "model_name": "gru4rec",
+            "candidate_run_id": "abc",
+            "candidate_version": "3",
+            "champion_version": "2",
+            "candidate_value": 0.31,
+            "champion_value": 0.30,
+            "reason": "not significant " * 200,
+        },
+        "trials": [trial],
+        "experiment_id": "7",
+        "parent_run_id": "par",
+    }
+    note = tasks.format_note({"date": "2026-03-05"}, promoted)
+    assert len(note) <= tasks.NOTE_LIMIT
+    assert note.startswith("**not promoted**: gru4rec v3 tagged @challenger (2026-03-05)")
+    assert (
+        "mrr_at_20: candidate 0.3100 vs champion v2 0.3000 (same test data) | S-POP 0.2000 | POP 0.0100"
+        in note
+    )
+    assert note.endswith(
+        "MLflow: parent run http://mlflow.example:5000/#/experiments/7/runs/par, "
+        "best trial http://mlflow.example:5000/#/experiments/7/runs/abc"
+    )

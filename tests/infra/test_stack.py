@@ -1,0 +1,306 @@
+"""The process-level deployment (pipeline.localstack): real Airflow components with CeleryExecutor, two
+Celery workers (default queue / gpu queue), PostgreSQL, Redis, SeaweedFS S3 and an MLflow server.
+
+DAGs are triggered through the REST API /api/v2; where each task ran is read from task-instance metadata
+(queue, pool, hostname of every try) and cross-checked with what the tasks report. The stack is brought
+up once for the module and torn down in a ``finally``, also when a test fails.
+
+Two DAGs run on it:
+- ``infra_probe`` (tests/infra/dags): the plumbing alone (queues, pool, S3, MLflow server, crash + retry),
+  independent of the pipeline's code, so a failure here points at the deployment;
+- ``gru4rec_daily`` (dags/): the real pipeline on generated click logs in S3: a first date promotes a
+  champion, then the gpu worker is killed in the middle of a second date's training and a fresh worker
+  finishes the run from the checkpoint without duplicating anything.
+
+About 6 minutes on 2 cores: stack start ~30 s, probe runs ~25 s + ~70 s, real runs ~100 s + ~130 s (each
+crash waits ~30 s for the scheduler's heartbeat timeout to notice the dead worker), teardown ~20 s.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import localstack
+
+pytestmark = [pytest.mark.stack, pytest.mark.integration]
+
+HERE = Path(__file__).resolve().parent
+PROBE = "infra_probe"
+DAG = "gru4rec_daily"
+CLICKS = f"s3://{localstack.BUCKET}/clicks"
+OUTPUT = f"s3://{localstack.BUCKET}/output"
+FIRST_DAY, RUN1_DAY, RUN2_DAY = "2026-03-01", "2026-03-03", "2026-03-04"
+
+# The pipeline's deployment settings for this test: manual runs only (no scheduled run competing with
+# the triggered ones under max_active_runs=1), quick retries, a small network and a 2-trial grid.
+PIPELINE_CONFIG = {
+    "airflow": {
+        "schedule": None,
+        "train_days": 3,
+        "retries": 2,
+        "retry_delay_minutes": 0.05,
+        "max_retry_delay_minutes": 0.1,
+        "grid": {"learning_rate": [0.1, 0.2]},
+    },
+    "gru4rec": {"layers": [64], "n_epochs": 2, "n_sample": 256, "batch_size": 32},
+    "build": {"min_item_support": 3},
+    "tracking": {"bootstrap_samples": 500, "system_metrics": False},
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localstack.StackState]:
+    home = tmp_path_factory.mktemp("stack")
+    config = home / "pipeline-config.yaml"
+    config.write_text(yaml.safe_dump(PIPELINE_CONFIG))
+    state = localstack.up(home, dag_bundles={"infra-tests": HERE / "dags"}, extra_env={"PIPELINE_CONFIG": str(config)})
+    try:
+        yield state
+    finally:
+        localstack.down(home)
+        # Nothing of the stack survives `down`: every recorded pid is gone.
+        leftovers = [pid for pid in [*state.pids.values(), state.s3_pid] if localstack._alive(pid)]
+        assert not leftovers, f"processes left running after down: {leftovers}"
+
+
+@pytest.fixture(scope="module")
+def s3(stack: localstack.StackState):
+    import boto3
+
+    env = stack.client_env()
+    return boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL_S3"],
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+
+
+@pytest.fixture(scope="module")
+def mlflow_client(stack: localstack.StackState):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=stack.mlflow_url, registry_uri=stack.mlflow_url)
+
+
+@pytest.fixture(scope="module")
+def clicks(stack: localstack.StackState) -> str:
+    """Four days of generated click logs in the stack's bucket (dt=YYYY-MM-DD partitions)."""
+    from pipeline.generate import generate_clicks
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in stack.client_env().items():
+            mp.setenv(key, value)
+        generate_clicks(CLICKS, days=4, start_date=FIRST_DAY, sessions_per_day=800, n_items=300, seed=3)
+    return CLICKS
+
+
+def _keys(s3, prefix: str) -> list[str]:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=localstack.BUCKET, Prefix=prefix)
+    return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+
+def _xcom(api: localstack.AirflowAPI, dag_id: str, run_id: str, task_id: str) -> dict:
+    entry = api.get(f"/dags/{dag_id}/dagRuns/{localstack._q(run_id)}/taskInstances/{task_id}/xcomEntries/return_value")
+    value = entry["value"]
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _running_under_gpu_worker(stack: localstack.StackState, ti: dict) -> bool:
+    import psutil
+
+    worker = psutil.Process(stack.pids["airflow-worker-gpu"])
+    return ti["state"] == "running" and ti["pid"] in {p.pid for p in worker.children(recursive=True)}
+
+
+def _crash_gpu_worker(stack: localstack.StackState) -> None:
+    """SIGKILL the gpu worker and its whole process tree (the task too), then start a fresh worker."""
+    localstack.stop_service(stack, "airflow-worker-gpu", crash=True)
+    localstack.start_service(stack, "airflow-worker-gpu")
+
+
+# ---------------------------------------------------------------------------------------------
+# The stack itself
+
+
+def test_stack_is_up_and_bound_to_localhost(stack: localstack.StackState) -> None:
+    import psutil
+
+    table = localstack.status(stack.home)
+    assert {name for name, entry in table.items() if not entry["alive"]} == set()
+    assert {table[n]["health"] for n in ("airflow-scheduler", "airflow-dag-processor", "airflow-triggerer")} == {"healthy"}
+    # Every listening socket of every stack process is on 127.0.0.1.
+    listening = []
+    for pid in [*stack.pids.values(), stack.s3_pid]:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                listening += [(proc.pid, c.laddr) for c in proc.net_connections("inet") if c.status == psutil.CONN_LISTEN]
+            except psutil.NoSuchProcess:
+                continue
+    assert listening, "no listening sockets found: the check would pass vacuously"
+    assert [(pid, addr) for pid, addr in listening if addr.ip != "127.0.0.1"] == []
+    assert stack.api().get("/pools/gpu")["slots"] == 1
+
+
+def test_status_cli_reports_every_service(stack: localstack.StackState, capsys: pytest.CaptureFixture[str]) -> None:
+    assert localstack.main(["--home", stack.home, "status"]) == 0
+    out = capsys.readouterr().out
+    assert [line.split()[0] for line in out.splitlines()] == ["seaweedfs", *localstack.SERVICE_NAMES]
+
+
+# ---------------------------------------------------------------------------------------------
+# The plumbing, with the probe DAG
+
+
+def test_probe_tasks_run_on_their_queues_workers(stack: localstack.StackState, s3, mlflow_client) -> None:
+    api = stack.api()
+    api.wait_for_dag(PROBE)
+    run_id = api.trigger(PROBE, "2026-01-01T00:00:00+00:00", {"steps": 3})["dag_run_id"]
+    api.wait_for_run(PROBE, run_id, timeout=180)
+
+    tis = {ti["task_id"]: ti for ti in api.task_instances(PROBE, run_id)}
+    assert {t: (ti["queue"], ti["pool"], ti["hostname"]) for t, ti in tis.items()} == {
+        "stage": ("default", "default_pool", "airflow-worker"),
+        "train": ("gpu", "gpu", "airflow-worker-gpu"),
+        "report": ("default", "default_pool", "airflow-worker"),
+    }
+    # What the tasks saw of themselves agrees with the metadata.
+    trained = _xcom(api, PROBE, run_id, "train")
+    assert trained["hostname"] == "airflow-worker-gpu" and trained["try_number"] == 1 and trained["resumed_from"] == 0
+    assert _xcom(api, PROBE, run_id, "stage")["hostname"] == "airflow-worker"
+    # Both workers' objects are in the bucket; the MLflow server has the run and its artifact (stored in S3).
+    assert set(_keys(s3, f"probe/{run_id}/")) == {f"probe/{run_id}/input.txt", f"probe/{run_id}/checkpoint.json"}
+    assert [m.step for m in mlflow_client.get_metric_history(trained["mlflow_run_id"], "loss")] == [0, 1, 2]
+    assert any(k.endswith(f"{trained['mlflow_run_id']}/artifacts/final_checkpoint.json") for k in _keys(s3, "mlflow/"))
+
+
+def test_probe_killed_gpu_worker_retry_resumes_from_checkpoint(stack: localstack.StackState, s3, mlflow_client) -> None:
+    api = stack.api()
+    steps = 12
+    run_id = api.trigger(PROBE, "2026-01-02T00:00:00+00:00", {"steps": steps, "step_seconds": 1.0})["dag_run_id"]
+    ckpt_key = f"probe/{run_id}/checkpoint.json"
+    deadline = time.monotonic() + 120
+    step = 0
+    while step < 3:  # training well under way: a few checkpoints written
+        assert time.monotonic() < deadline, "training never reached step 3"
+        try:
+            step = json.loads(s3.get_object(Bucket=localstack.BUCKET, Key=ckpt_key)["Body"].read())["step"]
+        except s3.exceptions.NoSuchKey:
+            pass
+        time.sleep(0.5)
+    train = next(ti for ti in api.task_instances(PROBE, run_id) if ti["task_id"] == "train")
+    assert _running_under_gpu_worker(stack, train)
+
+    _crash_gpu_worker(stack)
+    api.wait_for_run(PROBE, run_id, timeout=240)
+
+    assert [(t["try_number"], t["state"], t["hostname"]) for t in api.tries(PROBE, run_id, "train")] == [
+        (1, "failed", "airflow-worker-gpu"),
+        (2, "success", "airflow-worker-gpu"),
+    ]
+    result = _xcom(api, PROBE, run_id, "train")
+    assert result["try_number"] == 2 and result["resumed_from"] >= 3 and result["steps"] == steps
+    # One MLflow run for the DAG run, continued by the retry; no step logged twice (each step's checkpoint
+    # is written before its metric, so only an unlogged step is redone).
+    runs = mlflow_client.search_runs(
+        [mlflow_client.get_experiment_by_name("infra-probe").experiment_id], f"tags.airflow_run_id = '{run_id}'"
+    )
+    assert [r.info.run_id for r in runs] == [result["mlflow_run_id"]]
+    logged = [m.step for m in mlflow_client.get_metric_history(result["mlflow_run_id"], "loss")]
+    assert len(logged) == len(set(logged)) and set(range(result["resumed_from"], steps)) <= set(logged)
+    resumes = {m.step: m.value for m in mlflow_client.get_metric_history(result["mlflow_run_id"], "resumed_from_step")}
+    assert resumes == {1: 0, 2: result["resumed_from"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The real pipeline
+
+
+def test_daily_dag_trains_on_the_gpu_worker_and_promotes(stack: localstack.StackState, clicks: str, s3, mlflow_client) -> None:
+    api = stack.api()
+    api.wait_for_dag(DAG, timeout=120)
+    run_id = api.trigger(DAG, f"{RUN1_DAY}T00:00:00+00:00", {})["dag_run_id"]
+    run = api.wait_for_run(DAG, run_id, timeout=360)
+
+    # Routing, from task-instance metadata: training on the gpu-queue worker, everything else on the default one.
+    tis = api.task_instances(DAG, run_id)
+    trains = [ti for ti in tis if ti["task_id"] == "train"]
+    assert len(trains) == 2
+    assert {(ti["queue"], ti["pool"], ti["hostname"]) for ti in trains} == {("gpu", "gpu", "airflow-worker-gpu")}
+    assert {(ti["queue"], ti["hostname"]) for ti in tis if ti["task_id"] != "train"} == {("default", "airflow-worker")}
+
+    # Datasets, validated partitions and the run summary are in the bucket.
+    outputs = _keys(s3, "output/")
+    dataset = f"output/datasets/dt={RUN1_DAY}/"
+    assert {f"{dataset}manifest.json", f"{dataset}train/part-0.parquet", f"{dataset}test/part-0.parquet"} <= set(outputs)
+    assert {f"output/validated/dt={d}/report.json" for d in ("2026-03-01", "2026-03-02", RUN1_DAY)} <= set(outputs)
+    summary = json.loads(s3.get_object(Bucket=localstack.BUCKET, Key=f"output/runs/dt={RUN1_DAY}/summary.json")["Body"].read())
+
+    # The MLflow server has the parent run and both trial runs, finished and nested; their artifacts are in S3.
+    parent = mlflow_client.get_run(summary["parent_run_id"])
+    assert parent.data.tags["pipeline.date"] == RUN1_DAY
+    trial_runs = [mlflow_client.get_run(t["run_id"]) for t in summary["trials"]]
+    assert len({r.info.run_id for r in trial_runs}) == 2
+    assert {(r.info.status, r.data.tags["mlflow.parentRunId"]) for r in trial_runs} == {("FINISHED", parent.info.run_id)}
+    artifact_keys = _keys(s3, "mlflow/")
+    for r in trial_runs:
+        assert r.info.artifact_uri.startswith("mlflow-artifacts:"), r.info.artifact_uri  # proxied by the server
+        assert any(f"/{r.info.run_id}/artifacts/" in k for k in artifact_keys), f"no artifacts of {r.info.run_id} in S3"
+
+    # The registry's champion alias points at the version registered from this run's best trial.
+    decision = summary["decision"]
+    assert decision["action"] == "promoted", decision["reason"]
+    champion = mlflow_client.get_model_version_by_alias(decision["model_name"], "champion")
+    assert champion.version == str(decision["candidate_version"])
+    assert champion.run_id == decision["candidate_run_id"] in {r.info.run_id for r in trial_runs}
+    # The summary task set the DAG run note through the REST API connection the stack provides.
+    assert (api.get(f"/dags/{DAG}/dagRuns/{localstack._q(run_id)}")["note"] or "").startswith("**promoted**")
+    assert run["state"] == "success"
+
+
+def test_daily_dag_survives_a_gpu_worker_crash_mid_training(stack: localstack.StackState, clicks: str, mlflow_client) -> None:
+    api = stack.api()
+    api.wait_for_dag(DAG, timeout=120)
+    epochs = 8
+    conf = {"grid": {"learning_rate": [0.1]}, "gru4rec": {"n_epochs": epochs}}
+    run_id = api.trigger(DAG, f"{RUN2_DAY}T00:00:00+00:00", conf)["dag_run_id"]
+    experiment = mlflow_client.get_experiment_by_name("gru4rec-pipeline").experiment_id
+    this_date = f"tags.`pipeline.kind` = 'training' and tags.`pipeline.run_key` LIKE '{DAG}/{RUN2_DAY}/%'"
+
+    # Wait until the trial has finished (and checkpointed) its first epoch on the gpu worker, then crash it.
+    deadline = time.monotonic() + 240
+    while True:
+        assert time.monotonic() < deadline, "the trial never finished an epoch"
+        runs = mlflow_client.search_runs([experiment], this_date)
+        if runs and mlflow_client.get_metric_history(runs[0].info.run_id, "train_loss"):
+            break
+        time.sleep(1)
+    train = next(ti for ti in api.task_instances(DAG, run_id) if ti["task_id"] == "train")
+    assert _running_under_gpu_worker(stack, train)
+    _crash_gpu_worker(stack)
+    api.wait_for_run(DAG, run_id, timeout=300)
+
+    tries = api.tries(DAG, run_id, "train", map_index=0)
+    assert [(t["try_number"], t["state"], t["hostname"], t["queue"]) for t in tries] == [
+        (1, "failed", "airflow-worker-gpu", "gpu"),
+        (2, "success", "airflow-worker-gpu", "gpu"),
+    ]
+    # The retry resumed from the checkpoint instead of starting over.
+    retry_log = api.task_log(DAG, run_id, "train", try_number=2, map_index=0)
+    assert "resuming" in retry_log and f"of {epochs}" in retry_log, retry_log[-2000:]
+    # Nothing duplicated: one MLflow run for the (date, trial), finished, with every epoch; each registry
+    # version comes from a different run.
+    runs = mlflow_client.search_runs([experiment], this_date)
+    assert [(r.info.status, r.data.metrics.get("epochs")) for r in runs] == [("FINISHED", float(epochs))]
+    history = [m.step for m in mlflow_client.get_metric_history(runs[0].info.run_id, "train_loss")]
+    assert sorted(history) == list(range(1, epochs + 1))
+    versions = mlflow_client.search_model_versions(f"name = '{PIPELINE_CONFIG.get('model', 'gru4rec')}'")
+    assert len({v.run_id for v in versions}) == len(versions)
