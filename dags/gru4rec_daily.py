@@ -130,7 +130,7 @@ def gru4rec_daily() -> None:
 
     @task(queue=SETTINGS.queue, pool=SETTINGS.pool, map_index_template="{{ trial_name }}")
     def train(trial: dict[str, Any]) -> dict[str, Any]:
-        get_current_context()["trial_name"] = trial["name"]  # type: ignore[typeddict-unknown-key]
+        get_current_context()["trial_name"] = f"{trial['name']} {trial['label']}"  # type: ignore[typeddict-unknown-key]
         return tasks.train_trial(trial)
 
     @task

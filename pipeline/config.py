@@ -45,6 +45,7 @@ class ValidationConfig:
     # a dt=YYYY-MM-DD folder or partition_end); None = off
     max_partition_age_days: float | None = 1.0
     check_session_order: bool | None = None  # None = the input format decides (Diginetica rows are unordered)
+    workers: int = 0  # processes validating partitions in parallel; 0 = one per CPU (at most one per batch)
 
 
 @dataclass(frozen=True)

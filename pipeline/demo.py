@@ -385,8 +385,15 @@ def _print_champion(outcome: RunOutcome, say: Callable[[str], None]) -> None:
         return
     say(f"  champion: models:/{champion['name']}@{champion['alias']} = version {champion['version']} "
         f"(MLflow run {champion['run_id']})")  # fmt: skip
-    for key, value in sorted(champion.get("metrics", {}).items()):
-        say(f"    {key:<30} {value:.4f}")
+    metrics = champion.get("metrics", {})
+    for key in ("recall_at_20", "mrr_at_20"):
+        if key in metrics:
+            baselines = ", ".join(
+                f"{name} {metrics[f'baseline_{b}_{key}']:.4f}"
+                for b, name in (("spop", "S-POP"), ("pop", "POP"))
+                if f"baseline_{b}_{key}" in metrics
+            )
+            say(f"    {key:<13} {metrics[key]:.4f}   (baselines: {baselines})")
 
 
 def _print_commands(home: Path, env: dict[str, str], config_path: Path, say: Callable[[str], None]) -> None:

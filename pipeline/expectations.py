@@ -122,39 +122,46 @@ def build_suite(params: SuiteParams, *, row_rules: bool = True) -> gx.Expectatio
 
 
 # ---------------------------------------------------------------------------------------------
-# Derived per-row columns for the group rules
+# Derived per-row columns for the group rules, and the row masks the suite's row rules describe
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+_NULL_TIME = np.iinfo(np.int64).min
 
 
-def _dense_codes(arr: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, int]:
-    """Dense integer codes of a column (nulls get their own code) and the number of codes."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if pa.types.is_timestamp(arr.type) or pa.types.is_integer(arr.type):
-        values = arr.cast(pa.int64()).fill_null(np.iinfo(np.int64).min).to_numpy()
-        uniques, codes = np.unique(values, return_inverse=True)
-        return codes.astype(np.int64, copy=False), len(uniques)
-    encoded = pc.dictionary_encode(arr)
-    k = len(encoded.dictionary)
-    return encoded.indices.fill_null(k).to_numpy().astype(np.int64), k + 1
+def _codes(column: pa.ChunkedArray) -> np.ndarray:
+    """Integer codes of a string column (equal strings, equal codes; null = -1)."""
+    encoded = pc.dictionary_encode(column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column)
+    return encoded.indices.fill_null(-1).to_numpy().astype(np.int64, copy=False)
 
 
-def duplicate_of(table: pa.Table) -> np.ndarray:
-    """For each row, the index of the first earlier identical row (all canonical columns), else -1."""
-    n = table.num_rows
-    key = np.zeros(n, dtype=np.int64)
-    for name in EVENT_SCHEMA.names:
-        if name not in table.column_names:
-            continue
-        column = table.column(name)
-        if column.null_count == n:
-            continue  # an all-null column cannot tell rows apart
-        codes, k = _dense_codes(column)
-        key = np.unique(key * k + codes, return_inverse=True)[1].astype(np.int64)
-    first = np.full(int(key.max(initial=-1)) + 1, n, dtype=np.int64)
-    rows = np.arange(n, dtype=np.int64)
-    np.minimum.at(first, key, rows)
-    firsts = first[key]
-    return np.where(firsts < rows, firsts, -1)
+def duplicate_of(keys: list[np.ndarray]) -> np.ndarray:
+    """For each row, the index of the first earlier row with the same keys, else -1.
+
+    A 64-bit hash of the key columns finds the few candidate rows cheaply; the candidates are then
+    compared exactly, so a hash collision can never mark two different events as duplicates.
+    """
+    import pandas as pd
+
+    n = len(keys[0]) if keys else 0
+    out = np.full(n, -1, dtype=np.int64)
+    if n == 0:
+        return out
+    h = np.zeros(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for k in keys:
+            h = (h ^ k.astype(np.uint64)) * _MIX
+            h ^= h >> np.uint64(29)
+    rows = np.flatnonzero(pd.Series(h).duplicated(keep=False).to_numpy())
+    if rows.size == 0:
+        return out
+    exact = np.stack([k[rows] for k in keys], axis=1)
+    _, group = np.unique(exact, axis=0, return_inverse=True)
+    group = group.reshape(-1)
+    first = np.full(int(group.max()) + 1, n, dtype=np.int64)
+    np.minimum.at(first, group, rows)
+    firsts = first[group]
+    out[rows] = np.where(firsts < rows, firsts, -1)
+    return out
 
 
 def seconds_before_session_max(session_codes: np.ndarray, ts: np.ndarray, eligible: np.ndarray) -> np.ndarray:
@@ -163,42 +170,66 @@ def seconds_before_session_max(session_codes: np.ndarray, ts: np.ndarray, eligib
     0 for events in order; NaN where not checked (no session, or a timestamp already failing another rule:
     a wild timestamp must not make every later event of its session look out of order).
     """
-    n = len(ts)
-    out = np.full(n, np.nan)
-    rows = np.flatnonzero(eligible)
-    if rows.size == 0:
-        return out
-    order = rows[np.argsort(session_codes[rows], kind="stable")]  # by session, file order within
-    ts_sorted = ts[order]
-    uniques, rank = np.unique(ts_sorted, return_inverse=True)
-    width = len(uniques) + 1
-    # Offsetting each session's ranks by session * width makes one running max restart per session.
-    key = session_codes[order].astype(np.int64) * width + rank
-    running = np.maximum.accumulate(key)
-    behind = uniques[running - session_codes[order].astype(np.int64) * width] - ts_sorted
-    out[order] = behind / 1e6
-    return out
+    import pandas as pd
+
+    masked = np.where(eligible, ts, _NULL_TIME)
+    running = pd.Series(masked).groupby(session_codes, sort=False).cummax().to_numpy()
+    return np.where(eligible, (running - masked) / 1e6, np.nan)
 
 
-def derive_columns(table: pa.Table, *, floor_us: int, end_us: int, check_order: bool) -> dict[str, pa.Array]:
-    """The derived columns the row rules check (the table must have the canonical column types)."""
+@dataclass
+class Derived:
+    """The derived columns (for the suite) and the row masks of each row rule (for routing)."""
+
+    columns: dict[str, pa.Array]
+    masks: dict[str, np.ndarray]
+
+
+def derive(table: pa.Table, params: SuiteParams) -> Derived:
+    """Derived columns and row-rule masks of a batch with the canonical column types.
+
+    The masks are the same predicates the suite's row expectations check; the validation cross-checks
+    each mask's count against the expectation's unexpected count.
+    """
     n = table.num_rows
-    session = table.column(SESSION_ID).combine_chunks()
-    encoded = pc.dictionary_encode(session)
-    codes = encoded.indices.fill_null(-1).to_numpy().astype(np.int64)
-    has_session = codes >= 0
-    counts = np.bincount(codes[has_session], minlength=len(encoded.dictionary))
-    # float64 with NaN for "no session": GX checks plain numpy numbers vectorized, nullable Int64 row by row.
-    lengths = pa.array(np.where(has_session, counts[np.maximum(codes, 0)], np.nan).astype(np.float64))
-
-    dups = duplicate_of(table)
-    duplicates = pa.array(dups, mask=dups < 0, type=pa.int64())
-
+    session = _codes(table.column(SESSION_ID))
+    item = _codes(table.column(ITEM_ID))
     ts_col = table.column(TIMESTAMP).combine_chunks().cast(pa.int64())
-    ts = ts_col.fill_null(0).to_numpy()
-    in_window = np.asarray(ts_col.is_valid().to_numpy(zero_copy_only=False), dtype=bool) & (ts >= floor_us) & (ts < end_us)
-    if check_order and n:
-        behind = seconds_before_session_max(codes, ts, has_session & in_window)
+    ts_valid = np.asarray(ts_col.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
+    ts = ts_col.fill_null(_NULL_TIME).to_numpy()
+    floor_us = int(round(params.timestamp_floor.timestamp() * 1e6))
+    end_us = int(round(params.partition_end.timestamp() * 1e6))
+    in_window = ts_valid & (ts >= floor_us) & (ts < end_us)
+    has_session = session >= 0
+
+    counts = np.bincount(session[has_session], minlength=int(session.max(initial=-1)) + 1)
+    # float64 with NaN for "no session": GX checks plain numpy numbers vectorized, nullable ints row by row.
+    lengths = np.where(has_session, counts[np.maximum(session, 0)], np.nan).astype(np.float64)
+
+    keys = [session, item, ts]
+    for name in EVENT_SCHEMA.names[3:]:  # user_id, event_type: part of "exact" when present
+        if name in table.column_names and table.column(name).null_count < n:
+            keys.append(_codes(table.column(name)))
+    dups = duplicate_of(keys)
+
+    if params.check_order:
+        behind = seconds_before_session_max(session, ts, has_session & in_window)
     else:
         behind = np.full(n, np.nan)
-    return {DUPLICATE_OF: duplicates, BEHIND_SESSION: pa.array(behind), SESSION_LENGTH: lengths}
+
+    masks = {
+        "null_session_id": ~has_session,
+        "null_item_id": item < 0,
+        "null_timestamp": ~ts_valid,
+        "timestamp_window": ts_valid & ~in_window,
+        "duplicate_event": dups >= 0,
+        "session_length": has_session & ((lengths < 1) | (lengths > params.max_session_length)),
+    }
+    if params.check_order:
+        masks["session_order"] = behind > 0
+    columns = {
+        DUPLICATE_OF: pa.array(dups, mask=dups < 0, type=pa.int64()),
+        BEHIND_SESSION: pa.array(behind),
+        SESSION_LENGTH: pa.array(lengths),
+    }
+    return Derived(columns, masks)

@@ -254,9 +254,14 @@ def detect_format(uri: str, head: bytes) -> str:
 # Column conversions (lenient: None when a column cannot be converted)
 
 
-def _as_id(arr: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | None:
+ID_DICTIONARY = pa.dictionary(pa.int32(), pa.string())
+
+
+def _as_id(arr: pa.ChunkedArray | pa.Array, keep_dictionary: bool = False) -> pa.ChunkedArray | None:
     """Ids as strings: strings and integers convert, anything else (floats, nested, ...) is a wrong type."""
     typ = arr.type
+    if pa.types.is_dictionary(typ) and keep_dictionary and pa.types.is_string(typ.value_type):
+        return arr.cast(ID_DICTIONARY)
     if pa.types.is_dictionary(typ):
         arr = arr.cast(typ.value_type)
         typ = arr.type
@@ -352,16 +357,52 @@ def _assemble(
         arrays.append(_chunked(value))
         names.append(name)
     table = pa.Table.from_arrays(arrays, names=names)
-    if not problems and table.schema != EVENT_SCHEMA:
-        table = table.cast(EVENT_SCHEMA)
+    target = _schema_like(table)
+    if not problems and table.schema != target:
+        table = table.cast(target)
     return FileRead(uri, fmt, table, ordered, needs_sessions, problems)
 
 
-def _convert_id(uri: str, name: str, source: str, arr: pa.ChunkedArray | None, problems: list[SchemaProblem]):
+def _schema_like(table: pa.Table) -> pa.Schema:
+    """The canonical schema, keeping dictionary-encoded id columns dictionary-encoded."""
+    fields = []
+    for f in EVENT_SCHEMA:
+        if f.name in (SESSION_ID, ITEM_ID) and f.name in table.column_names:
+            if pa.types.is_dictionary(table.schema.field(f.name).type):
+                f = f.with_type(ID_DICTIONARY)
+        fields.append(f)
+    return pa.schema(fields)
+
+
+def encode_ids(table: pa.Table) -> pa.Table:
+    """The table with session_id and item_id dictionary-encoded (``dictionary<int32, string>``)."""
+    for name in (SESSION_ID, ITEM_ID):
+        if name in table.column_names and not pa.types.is_dictionary(table.schema.field(name).type):
+            encoded = pc.dictionary_encode(table.column(name)).cast(ID_DICTIONARY)
+            table = table.set_column(table.schema.get_field_index(name), name, encoded)
+    return table
+
+
+def decode_ids(table: pa.Table) -> pa.Table:
+    """The table with dictionary-encoded id columns turned back into plain strings."""
+    for name in (SESSION_ID, ITEM_ID):
+        if name in table.column_names and pa.types.is_dictionary(table.schema.field(name).type):
+            table = table.set_column(table.schema.get_field_index(name), name, table.column(name).cast(pa.string()))
+    return table
+
+
+def _convert_id(
+    uri: str,
+    name: str,
+    source: str,
+    arr: pa.ChunkedArray | None,
+    problems: list[SchemaProblem],
+    keep_dictionary: bool = False,
+):
     if arr is None:
         problems.append(SchemaProblem(uri, name, "required_column", f"source column {source!r} is missing"))
         return None
-    out = _as_id(arr)
+    out = _as_id(arr, keep_dictionary)
     if out is None:
         problems.append(SchemaProblem(uri, name, "column_type", f"{source!r} is {arr.type}, expected string or integer ids"))
         return arr  # left as found: the suite's type expectation reports it
@@ -563,7 +604,14 @@ def _source_names(config: IngestConfig, available: Sequence[str]) -> dict[str, s
     return out
 
 
-def _generic(uri: str, fmt: str, table: pa.Table, config: IngestConfig, problems: list[SchemaProblem]) -> FileRead:
+def _generic(
+    uri: str,
+    fmt: str,
+    table: pa.Table,
+    config: IngestConfig,
+    problems: list[SchemaProblem],
+    keep_dictionary: bool = False,
+) -> FileRead:
     src = _source_names(config, table.column_names)
 
     def get(name: str) -> pa.ChunkedArray | None:
@@ -576,7 +624,7 @@ def _generic(uri: str, fmt: str, table: pa.Table, config: IngestConfig, problems
         if name == SESSION_ID and get(name) is None and has_users:
             columns[name] = None  # sessionized from user ids
             continue
-        columns[name] = _convert_id(uri, name, src[name] or ALIASES[name][0], get(name), problems)
+        columns[name] = _convert_id(uri, name, src[name] or ALIASES[name][0], get(name), problems, keep_dictionary)
     columns[TIMESTAMP] = _convert_time(uri, src[TIMESTAMP] or TIMESTAMP, get(TIMESTAMP), config.timestamp_unit, problems)
     for name in (USER_ID, EVENT_TYPE):
         arr = get(name)
@@ -607,7 +655,7 @@ def _read_csv_generic(uri: str, head: str, config: IngestConfig) -> FileRead:
     return _generic(uri, "csv", table, config, problems)
 
 
-def _read_parquet(uri: str, config: IngestConfig, columns: Sequence[str] | None) -> FileRead:
+def _read_parquet(uri: str, config: IngestConfig, columns: Sequence[str] | None, dictionary_ids: bool) -> FileRead:
     fs, path = storage.resolve(uri)
     try:
         with fs.open_input_file(path) as handle:
@@ -618,12 +666,21 @@ def _read_parquet(uri: str, config: IngestConfig, columns: Sequence[str] | None)
             if SESSION_ID in wanted and src[SESSION_ID] not in available and USER_ID not in wanted:
                 wanted.append(USER_ID)  # a user-only log needs its users to be sessionized
             read = [src[n] for n in wanted if src[n] is not None and src[n] in available]
+            schema = parquet.schema_arrow
+            # Ids straight from the Parquet dictionary pages: no string materialization, no re-hashing.
+            as_dictionary = [
+                c for c in (src[SESSION_ID], src[ITEM_ID])
+                if dictionary_ids and c in read and pa.types.is_string(schema.field(c).type)
+            ]  # fmt: skip
+            if as_dictionary:
+                handle.seek(0)
+                parquet = pq.ParquetFile(handle, read_dictionary=as_dictionary)
             table = parquet.read(columns=read, use_threads=True)
     except FileNotFoundError:
         raise InputError(f"file not found: {uri}") from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{uri}: not a readable Parquet file (truncated or corrupt?): {exc}") from None
-    return _generic(uri, "parquet", table, config, [])
+    return _generic(uri, "parquet", table, config, [], keep_dictionary=dictionary_ids)
 
 
 READERS: dict[str, Callable[[str, str, IngestConfig], FileRead]] = {
@@ -634,13 +691,21 @@ READERS: dict[str, Callable[[str, str, IngestConfig], FileRead]] = {
 }
 
 
-def read_file(uri: str, config: IngestConfig | None = None, *, strict: bool = True, columns: Sequence[str] | None = None) -> FileRead:
+def read_file(
+    uri: str,
+    config: IngestConfig | None = None,
+    *,
+    strict: bool = True,
+    columns: Sequence[str] | None = None,
+    dictionary_ids: bool = False,
+) -> FileRead:
     """Read one file into canonical events.
 
     ``strict``: raise :class:`InputError` for a missing column or a wrong type (naming file, column and rule);
     otherwise return them in ``problems`` with the column missing or left as found. Unreadable files
     (binary, non-UTF-8, truncated, wrong delimiter, malformed) always raise. ``columns`` limits what is read
-    (Parquet only; a hint, the other formats read their few columns anyway).
+    (Parquet only; a hint, the other formats read their few columns anyway). ``dictionary_ids`` returns
+    session_id and item_id as ``dictionary<int32, string>`` (same values; cheaper for large builds).
     """
     config = config or IngestConfig()
     check_config(config)
@@ -658,7 +723,7 @@ def read_file(uri: str, config: IngestConfig | None = None, *, strict: bool = Tr
         head = _sniff(uri)
         fmt_name = fmt_name or detect_format(uri, head)
     if fmt_name == "parquet":
-        result = _read_parquet(uri, config, columns)
+        result = _read_parquet(uri, config, columns, dictionary_ids)
     else:
         if head.startswith(b"PAR1"):
             raise InputError(f"{uri}: this is a Parquet file, not {fmt_name}; use --format parquet")
@@ -666,6 +731,8 @@ def read_file(uri: str, config: IngestConfig | None = None, *, strict: bool = Tr
         result = READERS[fmt_name](uri, text, config)
     if strict and result.problems:
         raise InputError(result.problems[0].message())
+    if dictionary_ids and not result.problems:
+        result.table = encode_ids(result.table)
     log.debug("read %s (%s): %d rows", uri, fmt_name, result.table.num_rows)
     return result
 
@@ -713,23 +780,33 @@ def sessionize(table: pa.Table, gap_minutes: float) -> pa.Table:
 # The public entry point
 
 
-def read_events(inputs: Sequence[str], config: IngestConfig | None = None, *, columns: Sequence[str] | None = None) -> pa.Table:
+def read_events(
+    inputs: Sequence[str],
+    config: IngestConfig | None = None,
+    *,
+    columns: Sequence[str] | None = None,
+    dictionary_ids: bool = False,
+) -> pa.Table:
     """Read click logs (files, folders, ``dt=`` partitions; local or S3) into one canonical table.
 
     Rows keep the order of the inputs (files sorted within a folder). User-only logs are sessionized over
     everything read. ``columns`` selects canonical columns (default: all of :data:`EVENT_SCHEMA`).
+    ``dictionary_ids``: session_id and item_id as ``dictionary<int32, string>`` (chunks may carry different
+    dictionaries; see :func:`encode_ids`).
     """
     config = config or IngestConfig()
     check_config(config)
     files = storage.expand(inputs)
     tables, sessionize_needed = [], False
     for uri in progress(files, "reading"):
-        result = read_file(uri, config, strict=True, columns=columns)
+        result = read_file(uri, config, strict=True, columns=columns, dictionary_ids=dictionary_ids)
         tables.append(result.table)
         sessionize_needed |= result.needs_sessions
     table = pa.concat_tables(tables) if tables else EVENT_SCHEMA.empty_table()
     if sessionize_needed:
-        table = sessionize(table, config.session_gap_minutes)
+        table = sessionize(decode_ids(table), config.session_gap_minutes)
+        if dictionary_ids:
+            table = encode_ids(table)
     if columns is not None:
         unknown = [c for c in columns if c not in CANONICAL_COLUMNS]
         if unknown:

@@ -37,7 +37,7 @@ class AdagradM:
         self._acc = [torch.zeros_like(p) for p in self.dense]
         self._vel = [torch.zeros_like(p) for p in self.dense] if self.momentum else []
         # Per item table: accumulator and velocity side by side, so one gather/scatter moves both.
-        self._rows = {id(p): torch.zeros(p.shape[0], 2, _width(p), device=p.device) for p in self.sparse}
+        self._rows = {id(p): torch.zeros(p.shape[0], 2, _width(p), dtype=p.dtype, device=p.device) for p in self.sparse}
 
     # -- dense ---------------------------------------------------------------------------------------
 

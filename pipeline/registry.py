@@ -42,6 +42,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.errors import PromotionError
+from pipeline.tracking import (
+    RANKS_ARTIFACT,
+    TAG_DATA_URI,
+    TAG_FINGERPRINT,
+    TAG_ITEM_SPACE,
+    TAG_KIND,
+    TAG_MODEL_URI,
+    TAG_VALIDATION,
+    quote,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -52,14 +62,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Tags written by pipeline.tracking on training runs and read here.
-TAG_KIND = "pipeline.kind"
-TAG_MODEL_URI = "pipeline.model_uri"
-TAG_DATA_URI = "data.uri"
-TAG_FINGERPRINT = "data.fingerprint"
-TAG_VALIDATION = "data.validation"  # passed | failed | missing
-TAG_ITEM_SPACE = "model.item_space"
-RANKS_ARTIFACT = "evaluation/ranks.npz"  # per-prediction ranks of the candidate on its own test split
 # Tags written on model versions.
 TAG_PREVIOUS_CHAMPION = "pipeline.previous_champion"
 TAG_DECISION = "promotion.decision"
@@ -321,7 +323,7 @@ def _release(client: MlflowClient, name: str, owner: str) -> None:
 
 def find_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
     """The oldest version of ``name`` registered from ``run_id``, if any."""
-    versions = client.search_model_versions(f"name = '{_quote(name)}' and run_id = '{_quote(run_id)}'")
+    versions = client.search_model_versions(f"name = {quote(name)} and run_id = {quote(run_id)}")
     return min(versions, key=lambda v: int(v.version)) if versions else None
 
 
@@ -353,7 +355,9 @@ def register_candidate(client: MlflowClient, name: str, run: Run, metric_names: 
     for key in metric_names:
         if key in run.data.metrics:
             tags[f"metric.{key}"] = f"{run.data.metrics[key]:.6f}"
-    version = client.create_model_version(name, source, run_id=run.info.run_id, tags=tags)
+    # A logged model (models:/m-<id>): the server needs its id to resolve the source's artifacts.
+    model_id = source.removeprefix("models:/") if source.startswith("models:/m-") else None
+    version = client.create_model_version(name, source, run_id=run.info.run_id, tags=tags, model_id=model_id)
     log.info("registered %s version %s from run %s", name, version.version, run.info.run_id)
     return version
 
@@ -401,7 +405,7 @@ def candidate_runs(cfg: PipelineConfig, parent_run_id: str | None = None) -> lis
     client = _client(cfg)
     query = f"tags.`{TAG_KIND}` = 'training' and attributes.status = 'FINISHED'"
     if parent_run_id:
-        query += f" and tags.`mlflow.parentRunId` = '{_quote(parent_run_id)}'"
+        query += f" and tags.`mlflow.parentRunId` = {quote(parent_run_id)}"
     runs = client.search_runs(
         [experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1000 if parent_run_id else 1
     )
@@ -742,10 +746,6 @@ def _get_run(client: MlflowClient, run_id: str) -> Run:
 
 def _metric_names(run: Run) -> list[str]:
     return sorted(k for k in run.data.metrics if re.fullmatch(r"(baseline_(s?pop)_)?(mrr|recall)_at_\d+", k))
-
-
-def _quote(value: str) -> str:
-    return value.replace("'", "\\'")
 
 
 def decision_json(decision: Decision) -> str:

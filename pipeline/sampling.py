@@ -25,7 +25,8 @@ class PopularitySampler:
     ) -> None:
         if n_sample < 1:
             raise ValueError(f"n_sample must be >= 1 to sample, got {n_sample}")
-        weights = counts.to(torch.float64).clamp_min(0) ** alpha
+        counts = counts.to(torch.float64)
+        weights = torch.where(counts > 0, counts.clamp_min(1e-300) ** alpha, 0.0)  # 0**0 would be 1
         if not bool((weights > 0).any()):
             raise ValueError("cannot sample: every item has zero popularity")
         self.prob = weights / weights.sum()

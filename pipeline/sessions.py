@@ -84,12 +84,16 @@ def check_config(build: BuildConfig) -> None:
 
 
 def _encode(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
-    """Integer codes of a string column and its dictionary (codes index the dictionary)."""
-    encoded = pc.dictionary_encode(column)
+    """Integer codes of a string (or dictionary-encoded string) column and the dictionary they index."""
+    if pa.types.is_dictionary(column.type):
+        # Chunks read from different files carry different dictionaries: unify them (hashes only the
+        # distinct values) and remap the indices.
+        encoded = pa.table({"c": column}).unify_dictionaries().column("c")
+    else:
+        encoded = pc.dictionary_encode(column)  # chunks share one growing dictionary
     if encoded.num_chunks == 0:
         return np.zeros(0, dtype=np.int32), pa.array([], type=pa.string())
-    # Chunks share one growing dictionary; the last chunk's is complete.
-    dictionary = encoded.chunks[-1].dictionary
+    dictionary = encoded.chunks[-1].dictionary.cast(pa.string())
     codes = np.concatenate([c.indices.to_numpy() for c in encoded.chunks]).astype(np.int32, copy=False)
     return codes, dictionary
 
@@ -104,23 +108,31 @@ def _session_order(codes: np.ndarray, ts: np.ndarray, id_rank: np.ndarray, n_ses
     return np.lexsort((ts, rank[codes]))  # lexsort is stable: equal times keep input order
 
 
-def _needs_resort(codes: np.ndarray, ts: np.ndarray, id_rank: np.ndarray, n_sessions: int) -> bool:
-    """Whether rows (contiguous per session, time-ordered within) are out of session-start order."""
+def _reorder_blocks(codes: np.ndarray, ts: np.ndarray, id_rank: np.ndarray) -> np.ndarray | None:
+    """For rows already grouped by session and time-ordered within each, the permutation that puts the
+    sessions back in (start, id) order; None when they already are. O(rows) plus a sort of the sessions.
+    """
     if len(codes) < 2:
-        return False
+        return None
     first = np.ones(len(codes), dtype=bool)
     first[1:] = codes[1:] != codes[:-1]
-    starts, ranks = ts[first], id_rank[codes[first]]
-    step_ok = (starts[1:] > starts[:-1]) | ((starts[1:] == starts[:-1]) & (ranks[1:] > ranks[:-1]))
-    return not bool(step_ok.all())
+    block_start = np.flatnonzero(first)
+    starts, ranks = ts[block_start], id_rank[codes[block_start]]
+    if bool(((starts[1:] > starts[:-1]) | ((starts[1:] == starts[:-1]) & (ranks[1:] > ranks[:-1]))).all()):
+        return None
+    lengths = np.diff(np.append(block_start, len(codes)))
+    order = np.lexsort((ranks, starts))
+    new_start = np.repeat(block_start[order], lengths[order])
+    offset = np.arange(len(codes)) - np.repeat(np.cumsum(lengths[order]) - lengths[order], lengths[order])
+    return new_start + offset
+
+
+def _count_distinct(codes: np.ndarray) -> int:
+    return int(np.count_nonzero(np.bincount(codes))) if len(codes) else 0
 
 
 def _summary(codes_s: np.ndarray, codes_i: np.ndarray) -> dict[str, int]:
-    return {
-        "events": int(len(codes_s)),
-        "sessions": int(len(np.unique(codes_s))),
-        "items": int(len(np.unique(codes_i))),
-    }
+    return {"events": int(len(codes_s)), "sessions": _count_distinct(codes_s), "items": _count_distinct(codes_i)}
 
 
 def _iso(us: int | None) -> str | None:
@@ -233,9 +245,9 @@ def build_splits(events: pa.Table, build: BuildConfig | None = None) -> Splits:
     for split, mask in masks.items():
         rows = np.flatnonzero(mask)
         s, i, t = s_codes[rows], i_codes[rows], ts[rows]
-        if _needs_resort(s, t, id_rank, n_sessions):
+        resort = _reorder_blocks(s, t, id_rank)
+        if resort is not None:
             # Filtering moved some session starts: restore (session start, session id, time) order.
-            resort = _session_order(s, t, id_rank, n_sessions)
             s, i, t = s[resort], i[resort], t[resort]
         tables[split] = pa.table(
             [s_dict.take(pa.array(s)), i_dict.take(pa.array(i)), pa.array(t).cast(TIMESTAMP_TYPE), pa.array(item_idx[i])],
@@ -317,7 +329,7 @@ def build_dataset(
     check_config(build)
     storage.check_disjoint(inputs, out_dir)
     resolved = _resolve_inputs(inputs)
-    events = ingest_mod.read_events(resolved, ingest, columns=[SESSION_ID, ITEM_ID, TIMESTAMP])
+    events = ingest_mod.read_events(resolved, ingest, columns=[SESSION_ID, ITEM_ID, TIMESTAMP], dictionary_ids=True)
     log.info("building from %d events", events.num_rows)
     splits = build_splits(events, build)
     del events

@@ -329,9 +329,10 @@ def on_task_failure(context: Mapping[str, Any]) -> None:
 def set_run_note(dag_id: str, run_id: str, note: str, conn_id: str) -> bool:
     """Set the DAG run note through Airflow's REST API (tasks have no database access in Airflow 3).
 
-    Uses the HTTP connection ``conn_id`` (host/port/schema of the api-server, login/password, or
-    ``{"token": ...}`` in extra). Without that connection the note stays in the task log and the
-    summary file only; returns whether the note was set.
+    Uses the HTTP connection ``conn_id`` (host/port/schema of the api-server; login/password for
+    ``/auth/token``, or ``{"token": ...}`` in extra, or neither when the auth manager hands out tokens
+    freely). Without that connection the note stays in the task log and the summary file; returns
+    whether the note was set. A failure to set it is logged, never raised: the run's work is done.
     """
     try:
         from airflow.sdk import BaseHook
@@ -348,9 +349,11 @@ def set_run_note(dag_id: str, run_id: str, note: str, conn_id: str) -> bool:
     try:
         token = extra.get("token")
         if not token:
-            resp = httpx.post(
-                f"{base}/auth/token", json={"username": conn.login, "password": conn.password}, timeout=30
-            )
+            if conn.login:
+                credentials = {"username": conn.login, "password": conn.password}
+                resp = httpx.post(f"{base}/auth/token", json=credentials, timeout=30)
+            else:  # an auth manager that hands out tokens without credentials (simple, all admins)
+                resp = httpx.get(f"{base}/auth/token", timeout=30)
             resp.raise_for_status()
             token = resp.json()["access_token"]
         resp = httpx.patch(
@@ -625,7 +628,7 @@ def _champion(cfg: PipelineConfig) -> dict[str, Any] | None:
     champion: dict[str, Any] = {
         "name": tcfg.registered_model,
         "alias": tcfg.champion_alias,
-        "version": version.version,
+        "version": str(version.version),
         "run_id": version.run_id,
         "experiment_id": None,
         "metrics": {},

@@ -44,8 +44,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# Tags and artifact paths other modules (registry, DAG tasks) rely on.
 TAG_RUN_KEY = "pipeline.run_key"
 TAG_KIND = "pipeline.kind"  # training | parent | promotion
+TAG_MODEL_URI = "pipeline.model_uri"  # the run's logged pyfunc model (models:/m-...)
+TAG_DATA_URI = "data.uri"
+TAG_FINGERPRINT = "data.fingerprint"
+TAG_VALIDATION = "data.validation"  # passed | failed | missing
+TAG_ITEM_SPACE = "model.item_space"  # fingerprint of the item index the model scores
+RANKS_ARTIFACT = "evaluation/ranks.npz"  # per-prediction ranks on the test split (paired promotion test)
 AIRFLOW_TAGS = {
     "AIRFLOW_CTX_DAG_ID": "airflow.dag_id",
     "AIRFLOW_CTX_DAG_RUN_ID": "airflow.dag_run_id",
@@ -168,9 +175,20 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
-def find_run(client: MlflowClient, experiment_id: str, run_key: str, *, finished_only: bool = True) -> Run | None:
-    """The newest run of the experiment tagged with ``run_key`` (only FINISHED ones by default)."""
-    query = f"tags.`{TAG_RUN_KEY}` = '{run_key.replace(chr(39), chr(92) + chr(39))}'"
+def quote(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter (which has no escape sequences)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    raise ConfigError(f"{value!r}: a value with both quote characters cannot be searched for in MLflow")
+
+
+def find_run(
+    client: MlflowClient, experiment_id: str, run_key: str, *, kind: str, finished_only: bool = True
+) -> Run | None:
+    """The newest run of the experiment of this ``kind`` tagged with ``run_key`` (only FINISHED ones by default)."""
+    query = f"tags.`{TAG_RUN_KEY}` = {quote(run_key)} and tags.`{TAG_KIND}` = {quote(kind)}"
     if finished_only:
         query += " and attributes.status = 'FINISHED'"
     runs = client.search_runs([experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1)
@@ -187,8 +205,8 @@ def start_parent_run(cfg: PipelineConfig, run_key: str, *, run_name: str | None 
 
     experiment_id = configure(cfg.tracking)
     client = mlflow.MlflowClient()
-    existing = find_run(client, experiment_id, run_key, finished_only=False)
-    if existing is not None and existing.data.tags.get(TAG_KIND) == "parent":
+    existing = find_run(client, experiment_id, run_key, kind="parent", finished_only=False)
+    if existing is not None:
         return existing.info.run_id
     run = client.create_run(
         experiment_id,
@@ -246,8 +264,8 @@ def track_training(
     experiment_id = configure(cfg.tracking)
     client = mlflow.MlflowClient()
     if run_key:
-        existing = find_run(client, experiment_id, run_key)
-        if existing is not None and existing.data.tags.get(TAG_KIND) == "training":
+        existing = find_run(client, experiment_id, run_key, kind="training")
+        if existing is not None:
             log.info("run key %s already has finished run %s: reusing it", run_key, existing.info.run_id)
             return _tracked(existing, reused=True)
 
@@ -257,8 +275,8 @@ def track_training(
     fingerprint = str(manifest.get("fingerprint", ""))
     tags = {
         TAG_KIND: "training",
-        "data.uri": dataset_uri,
-        "data.fingerprint": fingerprint,
+        TAG_DATA_URI: dataset_uri,
+        TAG_FINGERPRINT: fingerprint,
         **environment_tags(),
     }
     if run_key:
@@ -286,7 +304,7 @@ def track_training(
             history = _train(splits, _catalogue(item_map), dataset_uri, cfg, out_dir, device)
             _evaluate(out_dir, splits["test"], cfg, device, Path(tmp), history)
             model_uri = _log_model(out_dir, item_map, Path(tmp))
-            mlflow.set_tag("pipeline.model_uri", model_uri)
+            mlflow.set_tag(TAG_MODEL_URI, model_uri)
     final = client.get_run(run_id)
     return TrackedRun(run_id, experiment_id, model_uri, metrics=dict(final.data.metrics))
 
@@ -295,7 +313,7 @@ def _tracked(run: Run, reused: bool) -> TrackedRun:
     return TrackedRun(
         run.info.run_id,
         run.info.experiment_id,
-        run.data.tags.get("pipeline.model_uri", ""),
+        run.data.tags.get(TAG_MODEL_URI, ""),
         metrics=dict(run.data.metrics),
         reused=reused,
     )
@@ -332,20 +350,28 @@ def manifest_params(manifest: Mapping[str, Any]) -> dict[str, str]:
 
 
 def _log_inputs(splits: Mapping[str, Any], dataset_uri: str, fingerprint: str) -> None:
-    """Record the three splits as dataset inputs (lineage in the run's Datasets panel)."""
+    """Record the three splits as dataset inputs (lineage in the run's Datasets panel).
+
+    Metadata only (source, digest = dataset fingerprint, schema): the data is not copied into pandas, so a
+    big training split costs nothing here; row counts are in the ``data.counts.*`` params.
+    """
     import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.models import infer_signature
 
     contexts = {"train": "training", "valid": "validation", "test": "testing"}
+    digest = fingerprint.split(":")[-1][:16]
     for split, table in splits.items():
         with warnings.catch_warnings():
             # Known MLflow noise: local paths match two identical source classes; int columns have no NaN here.
             warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
             warnings.filterwarnings("ignore", message=".*Integer columns in Python cannot represent missing.*")
-            dataset = mlflow.data.from_pandas(
-                table.to_pandas(),
-                source=f"{dataset_uri.rstrip('/')}/{split}",
+            dataset = MetaDataset(
+                resolve_dataset_source(f"{dataset_uri.rstrip('/')}/{split}"),
                 name=f"sessions-{split}",
-                digest=f"{fingerprint.split(':')[-1][:16]}-{split}" if fingerprint else None,
+                digest=f"{digest}-{split}" if digest else None,
+                schema=infer_signature(table.slice(0, 10).to_pandas()).inputs,
             )
             mlflow.log_input(dataset, context=contexts[split])
 
@@ -365,10 +391,10 @@ def _log_data_artifacts(dataset_uri: str, manifest: Mapping[str, Any], tmp: Path
     item_map.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(read_split(dataset_uri, "items"), item_map)
     mlflow.log_artifact(str(item_map), "item_map")
-    mlflow.set_tag("model.item_space", item_space(item_map))
+    mlflow.set_tag(TAG_ITEM_SPACE, item_space(item_map))
 
     outcome, reports = _validation_reports(manifest)
-    mlflow.set_tag("data.validation", outcome)
+    mlflow.set_tag(TAG_VALIDATION, outcome)
     for i, (report_uri, docs_uri) in enumerate(reports):
         # One folder per validated partition (e.g. validation/dt=2024-05-01) when there are several.
         label = re.sub(r"[^A-Za-z0-9=._-]+", "_", storage.basename(storage.parent(report_uri))) or str(i)
@@ -510,7 +536,7 @@ def _evaluate(
 
     from pipeline import plots
     from pipeline.evaluate import evaluate_model
-    from pipeline.registry import RANKS_ARTIFACT, parse_metric
+    from pipeline.registry import parse_metric
 
     cutoffs = tuple(sorted({*cfg.eval.cutoffs, parse_metric(cfg.tracking.primary_metric).cutoff}))
     result = evaluate_model(out_dir, test, cutoffs=cutoffs, ties=cfg.eval.ties, device=device)

@@ -169,10 +169,11 @@ class Trainer:
             if config.n_sample > 0
             else None
         )
-        # logQ correction: in-batch targets were "sampled" by the data (popularity share), the extra
-        # samples by the sampler (popularity ** alpha).
-        self.log_q_targets = torch.log(counts.clamp_min(1) / counts.sum()).to(torch.float32)
-        self.log_q_samples = self.sampler.log_prob() if self.sampler is not None else None
+        # logQ correction: in-batch targets come with the data's popularity, the extra samples with
+        # popularity ** alpha (counts, not shares: the shift between the two groups is part of the method).
+        log_count = torch.log(counts.clamp_min(1)).to(torch.float32)
+        self.log_q_targets = log_count
+        self.log_q_samples = config.sample_alpha * log_count
         self.use_log_q = config.loss == "cross-entropy" and config.logq != 0
 
     def _step(self, x: Tensor, y: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -318,10 +319,17 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)  # the train_metrics.json written
 
 
-def set_threads(threads: int) -> int:
-    """Use ``threads`` CPU threads (0 = all cores, at most 2 on small shared machines is torch's default)."""
+def set_threads(threads: int, device: torch.device) -> int:
+    """Use ``threads`` CPU threads; 0 = automatic: one thread for CPU training.
+
+    A training step is ~50 small ops, each too small to split well: with 2 threads on a 2-core machine the
+    gain was small when idle and the loss huge when other processes compete for the cores (each op waits for
+    its slowest thread; measured up to 15x slower). See docs/benchmarks.md.
+    """
     if threads > 0:
         torch.set_num_threads(threads)
+    elif device.type == "cpu":
+        torch.set_num_threads(1)
     return torch.get_num_threads()
 
 
@@ -345,11 +353,27 @@ def train(
     ``on_epoch_end(epoch, metrics)`` gets the epoch number (1-based) and its loss / speed / valid metrics.
     """
     dev = resolve_device(device)
-    n_threads = set_threads(threads)
+    previous_threads = torch.get_num_threads()
+    try:
+        return _train(train, config, Path(out_dir), valid, dev, on_epoch_end, resume, set_threads(threads, dev), valid_cutoffs)
+    finally:
+        torch.set_num_threads(previous_threads)  # leave the process as we found it
+
+
+def _train(
+    train: str | Path | ClickLog,
+    config: GRU4RecConfig,
+    out: Path,
+    valid: str | Path | ClickLog | None,
+    dev: torch.device,
+    on_epoch_end: EpochCallback | None,
+    resume: bool,
+    n_threads: int,
+    valid_cutoffs: tuple[int, ...],
+) -> TrainResult:
     # Adagrad accumulators of rarely seen rows and tiny gradients produce denormal floats, which x86 CPUs
     # process up to 100x slower (a whole epoch took 15x longer here); flushing them to zero costs nothing.
     torch.set_flush_denormal(True)
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_log = read_log(train, split="train")
     valid_log = read_log(valid, split="valid") if valid is not None else None
@@ -412,7 +436,7 @@ def train(
         log.info(
             "epoch %d/%d: loss %.4f, %.1f s, %.0f events/s%s",
             epoch + 1, config.n_epochs, loss, seconds, train_log.n_events / seconds,
-            "".join(f", valid {k} {v:.4f}" for k, v in epoch_metrics.items() if k.startswith("valid_")),
+            "".join(f", {k} {v:.4f}" for k, v in epoch_metrics.items() if k.startswith("valid_")),
         )
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, epoch_metrics)
@@ -449,6 +473,7 @@ def train(
         resumed_from_epoch=start_epoch,
         metrics=metrics,
     )
+
 
 
 def _resume(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -122,7 +121,7 @@ def run_trial(
     Returns the validation metrics plus ``objective`` (the value of ``metric``), ``train_seconds`` and the
     config; the model and ``trial.json`` stay in ``out_dir``.
     """
-    from pipeline.evaluate import build_item_map, evaluate, index_sessions, read_log
+    from pipeline.evaluate import evaluate, index_sessions, read_log
     from pipeline.predict import load_model
     from pipeline.train import train as train_model
 
@@ -130,8 +129,7 @@ def run_trial(
     began = time.perf_counter()
     result = train_model(train_log, config, out_dir, device=device, resume=True, threads=threads)
     loaded = load_model(out_dir, device=device)
-    item_map = build_item_map(train_log)
-    ev = evaluate(loaded.model, loaded.item_map, index_sessions(valid_log, item_map), cutoffs=cutoffs, baselines=False)
+    ev = evaluate(loaded.model, loaded.item_map, index_sessions(valid_log, loaded.item_map), cutoffs=cutoffs, baselines=False)
     if metric not in ev.metrics:
         raise ConfigError(f"metric {metric!r} is not computed; choose one of {', '.join(k for k in ev.metrics if '@' in k)}")
     out = {k: v for k, v in ev.metrics.items() if "@" in k or k.startswith("n_")}
@@ -196,20 +194,23 @@ def search(
     )
     records: list[dict[str, Any]] = []
 
+    def record(entry: dict[str, Any]) -> None:
+        records.append(entry)
+        with open(out / "trials.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
     def objective(trial: optuna.Trial) -> float:
         params = space.suggest(trial)
         config = apply_params(base, params)
+        trial.set_user_attr("config", to_dict(config))
         trial_dir = out / f"trial-{trial.number:04d}"
         try:
             res = run_trial(train_log, valid_log, config, trial_dir, metric=metric, device=device, threads=threads)
         except TrainingError as exc:
             log.warning("trial %d failed: %s", trial.number, exc)
-            records.append({"trial": trial.number, "params": params, "error": str(exc)})
+            record({"trial": trial.number, "params": params, "error": str(exc)})
             raise optuna.TrialPruned(str(exc)) from None
-        record = {"trial": trial.number, "params": params} | res
-        records.append(record)
-        with open(out / "trials.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        record({"trial": trial.number, "params": params} | res)
         log.info("trial %d: %s = %.4f (%s)", trial.number, metric, res["objective"], params)
         return res["objective"]
 
@@ -218,7 +219,7 @@ def search(
     if not done:
         raise TrainingError(f"no trial of study {study_name!r} finished; see {out / 'trials.jsonl'} and the log")
     best = study.best_trial
-    best_config = from_mapping(GRU4RecConfig, best.user_attrs.get("config") or _config_of(records, best.number), "gru4rec.")
+    best_config = from_mapping(GRU4RecConfig, best.user_attrs["config"], "gru4rec.")
     summary = {
         "metric": metric,
         "best_value": best.value,
@@ -229,12 +230,5 @@ def search(
     }
     (out / "best.json").write_text(json.dumps(summary, indent=2))
     (out / "best_config.json").write_text(json.dumps(to_dict(best_config), indent=2))
-    assert best.value is not None and math.isfinite(best.value)
     return SearchResult(best.value, best_config, best.number, records, out)
 
-
-def _config_of(records: list[dict[str, Any]], number: int) -> dict[str, Any]:
-    for rec in records:
-        if rec.get("trial") == number and "config" in rec:
-            return rec["config"]
-    raise TrainingError(f"best trial {number} ran in another process; read its config from the study storage")

@@ -2,17 +2,22 @@
 
 ``validate(inputs, out_dir)`` writes, all-or-nothing (``report.json`` last)::
 
-    DIR/report.json                 success, counts, per-batch and per-expectation results
-    DIR/clean/part-NNNNN.parquet    rows that passed, canonical schema, input order (one file per batch)
+    DIR/report.json                    success, counts, per-batch and per-expectation results
+    DIR/clean/part-NNNNN.parquet       rows that passed, canonical schema, input order (one file per batch)
     DIR/quarantine/part-NNNNN.parquet  rows that failed a row rule: canonical columns + reason, source, source_row
-    DIR/data_docs/index.html        GX Data Docs for every batch
+    DIR/data_docs/index.html           GX Data Docs of every batch
 
-A batch is one ``dt=YYYY-MM-DD`` folder or one other file. Row-level failures are quarantined and the clean
+A batch is one ``dt=YYYY-MM-DD`` folder or one other file; batches are validated in worker processes (one
+partition in memory per worker), results are gathered here. Row-level failures are quarantined and the clean
 rows go on. A table-level failure (unreadable file, missing column, wrong type, empty batch, stale partition,
 quarantined share above ``max_quarantine_share``) fails the batch: its rows that passed are not written to
 ``clean/`` and are counted as ``rows_rejected`` (the raw input is untouched and can be re-run). Every run
 asserts ``rows_in == rows_valid + rows_quarantined + rows_rejected``; a passing run has no rejected rows.
 :class:`~pipeline.errors.ValidationFailed` is raised after the report is written.
+
+The suite decides: every rule's verdict and counts come from its Great Expectations result. The rows of a
+failed row rule are picked with the same predicate the expectation checks (numpy, vectorized), and the
+number of rows picked must equal the expectation's unexpected count, or the run stops with an internal error.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import multiprocessing
 import os
 import tempfile
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,12 +52,13 @@ CLEAN = "clean"
 QUARANTINE = "quarantine"
 DATA_DOCS = "data_docs"
 PARQUET_OPTIONS = {"compression": "zstd", "row_group_size": 1 << 20}
-RESULT_FORMAT = {"result_format": "COMPLETE", "partial_unexpected_count": 10, "return_unexpected_index_query": False}
-REPORT_PARTIAL = 10
+# SUMMARY: counts and a few example values per expectation (COMPLETE would also list every failing row).
+RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 10}
+MAX_WORKERS = 4
 
 
 # ---------------------------------------------------------------------------------------------
-# One Great Expectations context per process (creating contexts and importing GX is slow)
+# One Great Expectations context per process (importing GX and creating contexts is slow)
 
 _GX: dict[str, Any] = {}
 
@@ -61,22 +69,25 @@ def gx_context() -> tuple[Any, Any]:
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
         logging.getLogger("great_expectations").setLevel(logging.WARNING)
         import great_expectations as gx
+        import great_expectations.execution_engine.pandas_execution_engine as pandas_engine
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
         for name in list(logging.root.manager.loggerDict):  # some GX modules pin their own logger to INFO
             if name.startswith("great_expectations"):
                 logging.getLogger(name).setLevel(logging.WARNING)
+        # GX hashes every in-memory batch for a "fingerprint" batch marker (~0.4 s per million rows);
+        # our batches are identified by their files in the report instead.
+        pandas_engine.HASH_THRESHOLD = 0
         context = gx.get_context(mode="ephemeral")
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
-        source = context.data_sources.add_pandas("click_events")
-        asset = source.add_dataframe_asset("batch")
+        asset = context.data_sources.add_pandas("click_events").add_dataframe_asset("batch")
         _GX["context"] = context
         _GX["batch_definition"] = asset.add_batch_definition_whole_dataframe("whole_batch")
     return _GX["context"], _GX["batch_definition"]
 
 
 def _run_suite(suite: Any, frame: Any, run_name: str) -> Any:
-    """Run the suite on a pandas frame through a Checkpoint (its result is kept for the Data Docs)."""
+    """Run the suite on a pandas frame; the result stays in the context's store for the Data Docs."""
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
 
@@ -85,26 +96,36 @@ def _run_suite(suite: Any, frame: Any, run_name: str) -> Any:
     definition = context.validation_definitions.add_or_update(
         gx.ValidationDefinition(name=ex.SUITE_NAME, data=batch_definition, suite=suite)
     )
-    checkpoint = context.checkpoints.add_or_update(
-        gx.Checkpoint(name="validate_click_events", validation_definitions=[definition], result_format=RESULT_FORMAT)
-    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = checkpoint.run(batch_parameters={"dataframe": frame}, run_id=RunIdentifier(run_name=run_name))
-    return next(iter(result.run_results.values()))
+        return definition.run(
+            batch_parameters={"dataframe": frame}, result_format=RESULT_FORMAT, run_id=RunIdentifier(run_name=run_name)
+        )
 
 
 def _clear_results() -> None:
     """Forget earlier validation results of this process, so Data Docs show only the current run."""
-    context, _ = gx_context()
-    store = context.validation_results_store
+    store = gx_context()[0].validation_results_store
     for key in store.list_keys():
         store.remove_key(key)
 
 
-def _build_data_docs(directory: str) -> None:
+def _export_results() -> list[tuple[tuple[str, ...], Any]]:
+    """This process's stored results, serialized (to hand them from a worker to the Data Docs builder)."""
+    store = gx_context()[0].validation_results_store
+    return [(store.key_to_tuple(k), store.serialize(store.get(k))) for k in store.list_keys()]
+
+
+def _import_results(results: list[tuple[tuple[str, ...], Any]]) -> None:
+    store = gx_context()[0].validation_results_store
+    for key, value in results:
+        store.set(store.tuple_to_key(key), store.deserialize(value))
+
+
+def _build_data_docs(directory: str, suite: Any) -> None:
     """Render the Data Docs of this run's results into ``directory`` (once per run: rendering is slow)."""
     context, _ = gx_context()
+    context.suites.add_or_update(suite)
     site = f"pipeline-{os.getpid()}"
     context.add_data_docs_site(
         site_name=site,
@@ -146,23 +167,21 @@ def _jsonable(value: Any) -> Any:
 
 def _expectation_entry(result: Any) -> dict[str, Any]:
     config = result.expectation_config
-    kwargs = {k: v for k, v in config.kwargs.items() if k not in ("batch_id", "column")}
     res = result.result or {}
     info = result.exception_info or {}
-    exception = info.get("exception_message") if info.get("raised_exception") else None
     return _jsonable(
         {
             "rule": config.meta.get("rule"),
             "level": config.meta.get("level"),
             "expectation": config.type,
             "column": config.kwargs.get("column"),
-            "kwargs": kwargs,
+            "kwargs": {k: v for k, v in config.kwargs.items() if k not in ("batch_id", "column")},
             "success": bool(result.success),
             "unexpected_count": res.get("unexpected_count"),
             "unexpected_percent": res.get("unexpected_percent"),
             "observed_value": res.get("observed_value"),
-            "partial_unexpected_list": (res.get("partial_unexpected_list") or [])[:REPORT_PARTIAL],
-            "exception": exception,
+            "partial_unexpected_list": res.get("partial_unexpected_list") or [],
+            "exception": info.get("exception_message") if info.get("raised_exception") else None,
         }
     )
 
@@ -175,10 +194,6 @@ def _parse_time(value: str, name: str) -> dt.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)
 
 
-def _us(moment: dt.datetime) -> int:
-    return int(round(moment.timestamp() * 1_000_000))
-
-
 def check_config(validation: ValidationConfig) -> None:
     _parse_time(validation.timestamp_floor, "timestamp_floor")
     if validation.partition_end:
@@ -187,21 +202,14 @@ def check_config(validation: ValidationConfig) -> None:
         raise ConfigError("validation.max_quarantine_share must be in [0, 1]")
     if validation.min_rows < 0 or validation.max_session_length < 1:
         raise ConfigError("validation.min_rows must be >= 0 and validation.max_session_length >= 1")
+    if validation.workers < 0:
+        raise ConfigError("validation.workers must be >= 0 (0 = one per CPU, at most one per batch)")
 
 
-# ---------------------------------------------------------------------------------------------
-# One batch
-
-
-@dataclass
-class BatchOutcome:
-    report: dict[str, Any]
-    clean: pa.Table | None = None
-    quarantine: pa.Table | None = None
-    failures: list[str] = field(default_factory=list)
-
-
-def _suite_params(batch: ingest_mod.Batch, validation: ValidationConfig, formats: Sequence[str], now: dt.datetime) -> ex.SuiteParams:
+def suite_params(
+    batch: ingest_mod.Batch, validation: ValidationConfig, formats: Sequence[str], now: dt.datetime
+) -> ex.SuiteParams:
+    """The suite's thresholds for one batch."""
     # An explicit partition_end (e.g. the DAG's data interval end) wins over the dt= folder's day end.
     configured_end = _parse_time(validation.partition_end, "partition_end") if validation.partition_end else None
     end = configured_end or batch.partition_end
@@ -221,6 +229,27 @@ def _suite_params(batch: ingest_mod.Batch, validation: ValidationConfig, formats
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# One batch (runs in a worker process)
+
+
+@dataclass(frozen=True)
+class BatchTask:
+    index: int
+    batch: ingest_mod.Batch
+    ingest: IngestConfig
+    validation: ValidationConfig
+    now: dt.datetime
+    out_dir: str  # the staging folder: clean/ and quarantine/ files go under it
+
+
+@dataclass
+class BatchOutcome:
+    report: dict[str, Any]
+    failures: list[str] = field(default_factory=list)
+    gx_results: list[tuple[tuple[str, ...], Any]] = field(default_factory=list)
+
+
 def _reasons(masks: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, pa.Array]:
     """Rows failing any row rule and, for each, its failed rule names joined by ``;``."""
     bits = np.zeros(n, dtype=np.int64)
@@ -230,137 +259,7 @@ def _reasons(masks: dict[str, np.ndarray], n: int) -> tuple[np.ndarray, pa.Array
     bad = bits != 0
     codes, inverse = np.unique(bits[bad], return_inverse=True)
     labels = [";".join(r for i, r in enumerate(ex.ROW_RULES) if int(c) >> i & 1) for c in codes]
-    return bad, pa.array(labels, type=pa.string()).take(pa.array(inverse.astype(np.int64)))
-
-
-def _validate_batch(
-    index: int, batch: ingest_mod.Batch, ingest_cfg: IngestConfig, validation: ValidationConfig, now: dt.datetime
-) -> BatchOutcome:
-    label = batch.name if len(batch.files) > 1 else batch.files[0]
-    entry: dict[str, Any] = {
-        "index": index,
-        "name": batch.name,
-        "files": list(batch.files),
-        "partition_end": batch.partition_end,
-        "rows_in": 0,
-        "rows_valid": 0,
-        "rows_quarantined": 0,
-        "rows_rejected": 0,
-    }
-    outcome = BatchOutcome(entry)
-
-    def fail(message: str) -> None:
-        outcome.failures.append(message)
-
-    # 1. Read (lenient: a missing column or a wrong type is for the suite to report).
-    reads: list[ingest_mod.FileRead] = []
-    try:
-        for uri in batch.files:
-            reads.append(ingest_mod.read_file(uri, ingest_cfg, strict=False))
-    except InputError as exc:
-        entry.update(status="unreadable", expectations=[], failures=[f"rule readable: {exc}"])
-        entry["rows_in"] = sum(r.table.num_rows for r in reads)
-        entry["rows_rejected"] = entry["rows_in"]
-        fail(f"{exc} (rule: readable)")
-        return outcome
-    formats = sorted({r.format for r in reads})
-    entry["format"] = formats[0] if len(formats) == 1 else formats
-    problems = [p for r in reads for p in r.problems]
-    if problems:
-        # Show the suite the first offending file as read; the batch is rejected whatever the rest holds.
-        table = next(r.table for r in reads if r.problems)
-        sources = None
-    else:
-        table = pa.concat_tables([r.table for r in reads])
-        sources = (
-            np.concatenate([np.full(r.table.num_rows, i, dtype=np.int32) for i, r in enumerate(reads)]),
-            np.concatenate([np.arange(r.table.num_rows, dtype=np.int64) for r in reads]),
-        )
-        if any(r.needs_sessions for r in reads):
-            table = ingest_mod.sessionize(table, ingest_cfg.session_gap_minutes)
-    n = sum(r.table.num_rows for r in reads)
-    entry["rows_in"] = n
-
-    # 2. Derived columns and the suite.
-    params = _suite_params(batch, validation, formats, now)
-    entry["suite"] = {"name": ex.SUITE_NAME, "version": ex.SUITE_VERSION}
-    entry["parameters"] = _jsonable(params.__dict__)
-    entry["skipped"] = []
-    if params.freshness_floor is None:
-        entry["skipped"].append({"rule": "freshness", "why": "the partition end is unknown (no dt= folder, no partition_end)"})
-    if not params.check_order:
-        entry["skipped"].append({"rule": "session_order", "why": f"rows of format {entry['format']} are not in time order"})
-    frame_columns = {name: table.column(name) for name in REQUIRED_COLUMNS if name in table.column_names}
-    if not problems:
-        derived = ex.derive_columns(
-            table, floor_us=_us(params.timestamp_floor), end_us=_us(params.partition_end), check_order=params.check_order
-        )
-        frame_columns.update(derived)
-    frame = _to_pandas(pa.table(frame_columns)) if frame_columns else _empty_frame(n)
-    # Row rules need canonical columns: with a known schema problem, the schema rules are what this batch is about.
-    suite = ex.build_suite(params, row_rules=not problems)
-    result = _run_suite(suite, frame, run_name=f"{index:05d}-{batch.name}")
-    del frame
-    results = list(result.results)
-    entry["expectations"] = [_expectation_entry(r) for r in results]
-
-    # 3. Table-level verdicts.
-    where = f"{label}"
-    for p in problems:
-        fail(p.message())
-    for r in results:
-        level, rule = r.expectation_config.meta.get("level"), r.expectation_config.meta.get("rule")
-        column = r.expectation_config.kwargs.get("column")
-        if r.success:
-            continue
-        if level == "schema" and not problems:
-            fail(f"{where}: column {column}: rule {rule} ({r.expectation_config.type}) failed")
-        elif level == "table":
-            observed = (r.result or {}).get("observed_value")
-            fail(f"{where}: {'column ' + column + ': ' if column else ''}rule {rule} ({r.expectation_config.type}) "
-                 f"failed: observed {_jsonable(observed)}, expected {_jsonable({k: v for k, v in r.expectation_config.kwargs.items() if k.endswith('value')})}")  # fmt: skip
-        elif level == "row" and (r.exception_info or {}).get("raised_exception"):
-            fail(f"{where}: rule {rule} could not be evaluated: {r.exception_info.get('exception_message')}")
-    if problems:
-        entry.update(status="rejected", rows_rejected=n)
-        return outcome
-
-    # 4. Route rows: GX's unexpected indices of each row rule are the quarantine.
-    masks: dict[str, np.ndarray] = {}
-    for r in results:
-        if r.expectation_config.meta.get("level") != "row" or r.success:
-            continue
-        rule = r.expectation_config.meta["rule"]
-        idx = np.asarray((r.result or {}).get("unexpected_index_list") or [], dtype=np.int64)
-        if len(idx) != (r.result or {}).get("unexpected_count", len(idx)):
-            raise PipelineError(f"internal error: GX returned {len(idx)} row indices for {r.result.get('unexpected_count')} failures of {rule}")
-        mask = np.zeros(n, dtype=bool)
-        mask[idx] = True
-        masks[rule] = mask
-    bad, reasons = _reasons(masks, n)
-    n_bad = int(bad.sum())
-    entry["quarantine_reasons"] = {rule: int(m.sum()) for rule, m in masks.items()}
-    share = n_bad / n if n else 0.0
-    entry["quarantine_share"] = share
-    if share > validation.max_quarantine_share:
-        fail(f"{where}: rule quarantine_share failed: {n_bad} of {n} rows ({share:.2%}) failed row rules "
-             f"{entry['quarantine_reasons']}, above max_quarantine_share {validation.max_quarantine_share:.2%}")  # fmt: skip
-    canonical = table.select(EVENT_SCHEMA.names)
-    if n_bad:
-        file_idx, rows = sources
-        bad_idx = pa.array(np.flatnonzero(bad))
-        quarantined = canonical.take(bad_idx)
-        source_names = pa.array(list(batch.files), type=pa.string()).take(pa.array(file_idx[bad]))
-        for name, values in (("reason", reasons), ("source", source_names), ("source_row", pa.array(rows[bad]))):
-            quarantined = quarantined.append_column(name, values)
-        outcome.quarantine = quarantined.cast(QUARANTINE_SCHEMA)
-        entry["rows_quarantined"] = n_bad
-    if outcome.failures:
-        entry.update(status="failed", rows_rejected=n - n_bad)
-        return outcome
-    outcome.clean = canonical.filter(pa.array(~bad)) if n_bad else canonical
-    entry.update(status="passed", rows_valid=n - n_bad)
-    return outcome
+    return bad, pa.array(labels, type=pa.string()).take(pa.array(inverse.reshape(-1).astype(np.int64)))
 
 
 def _to_pandas(table: pa.Table) -> Any:
@@ -380,6 +279,212 @@ def _write_parquet(table: pa.Table, uri: str) -> None:
     fs, path = storage.resolve(uri)
     storage.makedirs(storage.parent(uri))
     pq.write_table(table, path, filesystem=fs, **PARQUET_OPTIONS)
+
+
+def _describe_failure(where: str, result: Any) -> str:
+    config = result.expectation_config
+    column = config.kwargs.get("column")
+    bounds = {k: v for k, v in config.kwargs.items() if k.endswith("_value")}
+    observed = (result.result or {}).get("observed_value")
+    return (
+        f"{where}: {'column ' + column + ': ' if column else ''}rule {config.meta.get('rule')} ({config.type}) "
+        f"failed: observed {_jsonable(observed)}, expected {_jsonable(bounds) or config.kwargs.get('type_', '')}"
+    )
+
+
+def run_batch(task: BatchTask) -> BatchOutcome:
+    """Validate one batch, write its clean and quarantined rows, and return its report entry."""
+    if not _IN_WORKER:
+        return _validate_batch(task)
+    _clear_results()  # a worker hands each batch's GX result back to the parent for the Data Docs
+    outcome = _validate_batch(task)
+    outcome.gx_results = _export_results()
+    return outcome
+
+
+def _validate_batch(task: BatchTask) -> BatchOutcome:
+    batch = task.batch
+    where = batch.name if len(batch.files) > 1 else batch.files[0]
+    entry: dict[str, Any] = {
+        "index": task.index,
+        "name": batch.name,
+        "files": list(batch.files),
+        "partition_end": batch.partition_end,
+        "rows_in": 0,
+        "rows_valid": 0,
+        "rows_quarantined": 0,
+        "rows_rejected": 0,
+        "expectations": [],
+        "skipped": [],
+    }
+    outcome = BatchOutcome(entry)
+    fail = outcome.failures.append
+
+    # 1. Read leniently: a missing column or a wrong type is for the suite to report.
+    reads: list[ingest_mod.FileRead] = []
+    try:
+        for uri in batch.files:
+            reads.append(ingest_mod.read_file(uri, task.ingest, strict=False))
+    except InputError as exc:
+        entry.update(status="unreadable", rows_in=sum(r.table.num_rows for r in reads))
+        entry["rows_rejected"] = entry["rows_in"]
+        fail(f"{exc} (rule: readable)")
+        return outcome
+    formats = sorted({r.format for r in reads})
+    entry["format"] = formats[0] if len(formats) == 1 else formats
+    problems = [p for r in reads for p in r.problems]
+    n = sum(r.table.num_rows for r in reads)
+    entry["rows_in"] = n
+    if problems:
+        table = next(r.table for r in reads if r.problems)  # the suite sees the first offending file as read
+    else:
+        table = pa.concat_tables([r.table for r in reads]) if len(reads) > 1 else reads[0].table
+        if any(r.needs_sessions for r in reads):
+            table = ingest_mod.sessionize(table, task.ingest.session_gap_minutes)
+
+    # 2. Derived columns, then the suite. Row rules need canonical columns: with a schema problem the
+    #    schema rules are what this batch is about.
+    params = suite_params(batch, task.validation, formats, task.now)
+    entry["suite"] = {"name": ex.SUITE_NAME, "version": ex.SUITE_VERSION}
+    entry["parameters"] = _jsonable(params.__dict__)
+    if params.freshness_floor is None:
+        entry["skipped"].append({"rule": "freshness", "why": "partition end unknown (no dt= folder, no partition_end)"})
+    if not params.check_order:
+        entry["skipped"].append({"rule": "session_order", "why": f"rows of format {entry['format']} are not time-ordered"})
+    columns = {name: table.column(name) for name in REQUIRED_COLUMNS if name in table.column_names}
+    derived = None
+    if not problems:
+        derived = ex.derive(table, params)
+        columns.update(derived.columns)
+    frame = _to_pandas(pa.table(columns)) if columns else _empty_frame(n)
+    result = _run_suite(ex.build_suite(params, row_rules=not problems), frame, run_name=f"{task.index:05d}-{batch.name}")
+    del frame
+    results = list(result.results)
+    entry["expectations"] = [_expectation_entry(r) for r in results]
+
+    # 3. Table-level verdicts (schema problems are named by the reader, which knows the source column).
+    for p in problems:
+        fail(p.message())
+    for r in results:
+        level = r.expectation_config.meta.get("level")
+        if r.success or (level == "schema" and problems):
+            continue
+        if level in ("schema", "table"):
+            fail(_describe_failure(where, r))
+        elif (r.exception_info or {}).get("raised_exception"):
+            fail(f"{where}: rule {r.expectation_config.meta.get('rule')} could not be evaluated: "
+                 f"{r.exception_info.get('exception_message')}")  # fmt: skip
+    if problems or derived is None:
+        entry.update(status="rejected", rows_rejected=n)
+        return outcome
+
+    # 4. Route rows. Each failed row rule's rows are picked by the predicate its expectation checks, and
+    #    must number exactly what the expectation reported.
+    masks: dict[str, np.ndarray] = {}
+    for r in results:
+        config = r.expectation_config
+        if config.meta.get("level") != "row":
+            continue
+        rule = config.meta["rule"]
+        expected = int((r.result or {}).get("unexpected_count") or 0)
+        picked = int(derived.masks[rule].sum())
+        if picked != expected:
+            raise PipelineError(f"internal error: rule {rule} picked {picked} rows but GX counted {expected} in {where}")
+        if not r.success:
+            masks[rule] = derived.masks[rule]
+    bad, reasons = _reasons(masks, n)
+    n_bad = int(bad.sum())
+    entry["quarantine_reasons"] = {rule: int(m.sum()) for rule, m in masks.items()}
+    share = n_bad / n if n else 0.0
+    entry["quarantine_share"] = share
+    if share > task.validation.max_quarantine_share:
+        fail(f"{where}: rule quarantine_share failed: {n_bad} of {n} rows ({share:.2%}) failed row rules "
+             f"{entry['quarantine_reasons']}, above max_quarantine_share {task.validation.max_quarantine_share:.2%}")  # fmt: skip
+    canonical = table.select(EVENT_SCHEMA.names)
+    part = f"part-{task.index:05d}.parquet"
+    if n_bad:
+        rows_in_file = np.concatenate([np.arange(r.table.num_rows, dtype=np.int64) for r in reads])
+        file_of_row = np.concatenate([np.full(r.table.num_rows, i, dtype=np.int32) for i, r in enumerate(reads)])
+        quarantined = canonical.filter(pa.array(bad))
+        quarantined = quarantined.append_column("reason", reasons)
+        quarantined = quarantined.append_column("source", pa.array(list(batch.files)).take(pa.array(file_of_row[bad])))
+        quarantined = quarantined.append_column("source_row", pa.array(rows_in_file[bad]))
+        _write_parquet(quarantined.cast(QUARANTINE_SCHEMA), storage.join(task.out_dir, QUARANTINE, part))
+        entry["quarantine"] = f"{QUARANTINE}/{part}"
+        entry["rows_quarantined"] = n_bad
+    if outcome.failures:
+        entry.update(status="failed", rows_rejected=n - n_bad)
+        return outcome
+    _write_parquet(canonical.filter(pa.array(~bad)) if n_bad else canonical, storage.join(task.out_dir, CLEAN, part))
+    entry.update(status="passed", rows_valid=n - n_bad, clean=f"{CLEAN}/{part}")
+    return outcome
+
+
+_IN_WORKER = False
+
+
+def _worker_init() -> None:
+    global _IN_WORKER
+    _IN_WORKER = True
+    logging.basicConfig(level=logging.WARNING)
+    gx_context()
+
+
+def _can_spawn() -> bool:
+    """Spawned workers re-import the main module: that needs one (not an interactive or ``-c`` session)."""
+    import sys
+
+    main = sys.modules.get("__main__")
+    if getattr(main, "__spec__", None) is not None:
+        return True
+    path = getattr(main, "__file__", None)
+    return bool(path) and os.path.exists(path)
+
+
+def _workers(validation: ValidationConfig, n_batches: int) -> int:
+    wanted = validation.workers or min(os.cpu_count() or 1, MAX_WORKERS)
+    workers = max(1, min(wanted, n_batches))
+    return workers if workers == 1 or _can_spawn() else 1
+
+
+def _run_batches(tasks: list[BatchTask], workers: int) -> list[BatchOutcome]:
+    """Run every batch: here, and in ``workers - 1`` spawned processes when there are several.
+
+    This process works through the queue from the front and keeps each helper process fed with one batch,
+    so helpers that are still starting (importing GX takes seconds) never hold up a short run: a batch a
+    helper has not started yet is taken back. One partition per process at a time bounds the memory.
+    """
+    if workers <= 1 or len(tasks) <= 2:
+        return [run_batch(t) for t in ingest_mod.progress(tasks, "validating")]
+    done: dict[int, BatchOutcome] = {}
+    pending = list(tasks)
+    spawn = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers - 1, mp_context=spawn, initializer=_worker_init)
+    futures: dict[Any, BatchTask] = {}
+    try:
+        while pending or futures:
+            for future in [f for f in futures if f.done()]:
+                outcome = future.result()
+                _import_results(outcome.gx_results)
+                outcome.gx_results = []
+                done[futures.pop(future).index] = outcome
+            while pending and len(futures) < workers - 1:
+                task = pending.pop()  # helpers take from the back, this process from the front
+                futures[pool.submit(run_batch, task)] = task
+            if pending:
+                task = pending.pop(0)
+            else:
+                idle = [f for f in futures if f.cancel()]  # not started yet: do it here instead
+                if not idle:
+                    if futures:
+                        next(iter(futures)).exception()  # wait for a helper to finish a batch
+                    continue
+                task = futures.pop(idle[0])
+            done[task.index] = run_batch(task)
+            log.info("validated %d/%d batches", len(done), len(tasks))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return [done[t.index] for t in tasks]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -404,31 +509,24 @@ def validate(
     storage.check_disjoint(inputs, out_dir)
     batches = ingest_mod.plan_batches(inputs)
     now = dt.datetime.now(dt.UTC)
+    workers = _workers(validation, len(batches))
     gx_context()
     _clear_results()
     outcomes: list[BatchOutcome] = []
     with storage.staged_dir(out_dir, REPORT) as tmp, tempfile.TemporaryDirectory(prefix="gx-docs-") as docs_dir:
-        for i, batch in enumerate(ingest_mod.progress(batches, "validating")):
-            outcome = _validate_batch(i, batch, ingest_config, validation, now)
-            part = f"part-{i:05d}.parquet"
-            if outcome.clean is not None:
-                _write_parquet(outcome.clean, storage.join(tmp, CLEAN, part))
-                outcome.report["clean"] = f"{CLEAN}/{part}"
-            if outcome.quarantine is not None:
-                _write_parquet(outcome.quarantine, storage.join(tmp, QUARANTINE, part))
-                outcome.report["quarantine"] = f"{QUARANTINE}/{part}"
-            outcome.report["failures"] = outcome.failures
-            outcome.clean = outcome.quarantine = None  # free the batch before the next one
-            outcomes.append(outcome)
+        tasks = [BatchTask(i, b, ingest_config, validation, now, tmp) for i, b in enumerate(batches)]
+        outcomes = _run_batches(tasks, workers)
+        for o in outcomes:
+            o.report["failures"] = o.failures
             log.info(
                 "batch %s: %s (%d rows in, %d valid, %d quarantined)",
-                batch.name, outcome.report["status"], outcome.report["rows_in"],
-                outcome.report["rows_valid"], outcome.report["rows_quarantined"],
+                o.report["name"], o.report["status"], o.report["rows_in"], o.report["rows_valid"], o.report["rows_quarantined"],
             )  # fmt: skip
-        _build_data_docs(docs_dir)
+        last = tasks[-1]
+        _build_data_docs(docs_dir, ex.build_suite(suite_params(last.batch, validation, ["parquet"], now)))
         _clear_results()
         storage.upload_dir(docs_dir, storage.join(tmp, DATA_DOCS))
-        report = _report(inputs, outcomes, ingest_config, validation)
+        report = _report(inputs, outcomes, ingest_config, validation, workers)
         storage.write_json(storage.join(tmp, REPORT), report)
     if not report["success"]:
         raise ValidationFailed(
@@ -439,10 +537,15 @@ def validate(
 
 
 def _report(
-    inputs: Sequence[str], outcomes: list[BatchOutcome], ingest_config: IngestConfig, validation: ValidationConfig
+    inputs: Sequence[str],
+    outcomes: list[BatchOutcome],
+    ingest_config: IngestConfig,
+    validation: ValidationConfig,
+    workers: int,
 ) -> dict[str, Any]:
     batches = [o.report for o in outcomes]
-    totals = {key: sum(b[key] for b in batches) for key in ("rows_in", "rows_valid", "rows_quarantined", "rows_rejected")}
+    keys = ("rows_in", "rows_valid", "rows_quarantined", "rows_rejected")
+    totals = {key: sum(b[key] for b in batches) for key in keys}
     reconciled = totals["rows_in"] == totals["rows_valid"] + totals["rows_quarantined"] + totals["rows_rejected"]
     if not reconciled:
         raise PipelineError(f"internal error: rows do not reconcile: {totals}")
@@ -451,20 +554,19 @@ def _report(
     for b in batches:
         for rule, count in b.get("quarantine_reasons", {}).items():
             reasons[rule] = reasons.get(rule, 0) + count
-        for e in b.get("expectations", []):
-            key = f"{e['rule']}:{e['column'] or ''}"
+        for e in b["expectations"]:
             s = summary.setdefault(
-                key, {"rule": e["rule"], "level": e["level"], "expectation": e["expectation"], "column": e["column"],
-                      "batches": 0, "failed_batches": 0, "unexpected_count": 0},
+                f"{e['rule']}:{e['column'] or ''}",
+                {"rule": e["rule"], "level": e["level"], "expectation": e["expectation"], "column": e["column"],
+                 "batches": 0, "failed_batches": 0, "unexpected_count": 0},
             )  # fmt: skip
             s["batches"] += 1
             s["failed_batches"] += 0 if e["success"] else 1
             s["unexpected_count"] += e["unexpected_count"] or 0
     failures = [f for o in outcomes for f in o.failures]
-    success = bool(outcomes) and not failures
     return _jsonable(
         {
-            "success": success,
+            "success": bool(outcomes) and not failures,
             **totals,
             "reconciled": reconciled,
             "quarantine_share": totals["rows_quarantined"] / totals["rows_in"] if totals["rows_in"] else 0.0,
@@ -477,6 +579,7 @@ def _report(
             "clean": CLEAN if totals["rows_valid"] else None,
             "quarantine": QUARANTINE if totals["rows_quarantined"] else None,
             "data_docs": f"{DATA_DOCS}/index.html",
+            "workers": workers,
             "batches": batches,
             "created_at": dt.datetime.now(dt.UTC),
         }
@@ -486,5 +589,3 @@ def _report(
 def clean_uri(out_dir: str) -> str:
     """Where the clean rows of a validation output live (the input of ``build``)."""
     return storage.join(out_dir, CLEAN)
-
-

@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from pipeline import localstack
+from pipeline.config import TrackingConfig
 
 pytestmark = [pytest.mark.stack, pytest.mark.integration]
 
@@ -302,5 +303,5 @@ def test_daily_dag_survives_a_gpu_worker_crash_mid_training(stack: localstack.St
     assert [(r.info.status, r.data.metrics.get("epochs")) for r in runs] == [("FINISHED", float(epochs))]
     history = [m.step for m in mlflow_client.get_metric_history(runs[0].info.run_id, "train_loss")]
     assert sorted(history) == list(range(1, epochs + 1))
-    versions = mlflow_client.search_model_versions(f"name = '{PIPELINE_CONFIG.get('model', 'gru4rec')}'")
+    versions = mlflow_client.search_model_versions(f"name = '{TrackingConfig().registered_model}'")
     assert len({v.run_id for v in versions}) == len(versions)

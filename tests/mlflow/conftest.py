@@ -252,3 +252,43 @@ def quick_config(*overrides: str):
             *overrides,
         ],
     )
+
+
+def race(cfg, run_ids: list[str]) -> dict:
+    """Run one ``promote`` per run id in its own thread; all compare against the same champion first.
+
+    A barrier in ``on_compared`` holds each one after its first comparison until all have compared, so
+    they then race for the alias with a stale view of the champion: the case the lock and the
+    re-verification exist for. Returns {run_id: Decision}.
+    """
+    import threading
+
+    from pipeline import registry
+
+    barrier = threading.Barrier(len(run_ids), timeout=300)
+    decisions: dict[str, registry.Decision] = {}
+    errors: list[BaseException] = []
+
+    def contender(run_id: str) -> None:
+        waited = False
+
+        def line_up(decision: registry.Decision) -> None:
+            nonlocal waited
+            if not waited:
+                waited = True
+                barrier.wait()
+
+        try:
+            decisions[run_id] = registry.promote(cfg, [run_id], on_compared=line_up)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=contender, args=(r,)) for r in run_ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return decisions

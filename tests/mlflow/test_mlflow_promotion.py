@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import quick_config
+from conftest import quick_config, race
 
 from pipeline import registry, tracking
 from pipeline.errors import PromotionError
@@ -28,11 +27,11 @@ def runs(module_store: str, mlflow_datasets) -> SimpleNamespace:
     return SimpleNamespace(
         weak=track(ds.a, "gru4rec.n_epochs=1"),
         medium=track(ds.a, "gru4rec.n_epochs=2"),
-        strong=track(ds.a, "gru4rec.n_epochs=4"),
+        strong=track(ds.a, "gru4rec.n_epochs=3"),
         broken=track(ds.a, "gru4rec.learning_rate=0.0001"),  # barely trained: worse than POP and S-POP
-        other_items=track(ds.b, "gru4rec.n_epochs=3"),
-        unvalidated=track(ds.raw, "gru4rec.n_epochs=2"),
-        failed_data=track(ds.failed, "gru4rec.n_epochs=2"),
+        other_items=track(ds.b, "gru4rec.n_epochs=2"),
+        unvalidated=track(ds.raw),
+        failed_data=track(ds.failed),
     )
 
 
@@ -156,13 +155,14 @@ def test_a_champion_from_another_item_space_is_re_evaluated_on_the_candidate_tes
     from pipeline.sessions import read_split
 
     cfg = config()
-    registry.promote(cfg, [runs.weak])
+    champion = registry.promote(cfg, [runs.weak])
     decision = registry.promote(cfg, [runs.other_items])
     assert decision.same_item_space is False and decision.champion_reevaluated
     assert decision.action in {"promoted", "challenger"}
+    assert decision.champion_version == champion.candidate_version
     # Independently: the champion evaluated on the candidate's (dataset b's) test split; predictions it
     # cannot make (targets it does not know) count as misses over the candidate's predictions.
-    model_dir = Path(_download_model(cfg)) / "artifacts" / "model"
+    model_dir = Path(_download_model(cfg, champion.candidate_version)) / "artifacts" / "model"
     champ = evaluate_model(model_dir, read_split(mlflow_datasets.b, "test"), cutoffs=(20,))
     expected = registry.parse_metric("mrr_at_20").per_prediction(champ.ranks).sum() / decision.test.n
     assert decision.champion_value == pytest.approx(expected)
@@ -174,30 +174,7 @@ def test_two_promotions_racing_never_leave_the_alias_on_the_worse_model(runs: Si
     """Both compare against the same champion first (a barrier lines them up), then race to move it."""
     cfg = config()
     registry.promote(cfg, [runs.weak])
-    barrier = threading.Barrier(2, timeout=120)
-    decisions: dict[str, registry.Decision] = {}
-    errors: list[BaseException] = []
-
-    def contender(run_id: str) -> None:
-        first = [True]
-
-        def line_up(decision: registry.Decision) -> None:
-            if first[0]:
-                first[0] = False
-                assert decision.champion_version is not None
-                barrier.wait()
-
-        try:
-            decisions[run_id] = registry.promote(cfg, [run_id], on_compared=line_up)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=contender, args=(r,)) for r in (runs.medium, runs.strong)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    decisions = race(cfg, [runs.medium, runs.strong])
     assert champion_run(cfg) == runs.strong
     # Whoever came second saw the champion move and compared again against the new one.
     strong, medium = decisions[runs.strong], decisions[runs.medium]
@@ -258,9 +235,8 @@ def _download(run_id: str, path: str) -> str:
     return mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path)
 
 
-def _download_model(cfg) -> str:
+def _download_model(cfg, version: str) -> str:
     import mlflow
 
-    version = registry.champion_version(client(), cfg.tracking.registered_model, "champion")
-    return mlflow.artifacts.download_artifacts(f"models:/{cfg.tracking.registered_model}/{version.version}")
+    return mlflow.artifacts.download_artifacts(f"models:/{cfg.tracking.registered_model}/{version}")
 

@@ -166,3 +166,9 @@ def test_cli_track_prints_the_run_and_errors_cleanly(
     assert (tmp_path / "model" / "checkpoint.pt").is_file()
     assert main(["track", "--dataset", str(tmp_path / "nothing-here")]) == 2
     assert "not a session dataset" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key", ["dag/2024-01-04", "it's/a key", 'say "hi"/2024'])
+def test_run_keys_with_quotes_find_the_same_parent_run(embedded_store: str, key: str) -> None:
+    cfg = quick_config()
+    assert tracking.start_parent_run(cfg, key) == tracking.start_parent_run(cfg, key)

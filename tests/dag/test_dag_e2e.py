@@ -1,0 +1,303 @@
+"""The whole DAG with ``dag.test()`` on generated click logs: real Airflow (SQLite), GX, PyTorch, MLflow (SQLite).
+
+Tiny data and a tiny network keep each run to tens of seconds; what is checked is the orchestration:
+promotion across dates, idempotent re-runs, quarantine, and stopping before training on bad data.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow.dataset as ds
+import pytest
+import yaml
+
+from pipeline import demo
+from pipeline.generate import generate_clicks
+
+DAY = dt.date(2026, 3, 1)
+CONFIG = {
+    "airflow": {
+        "train_days": 3,
+        "retries": 2,  # table-level failures must still fail at the first try
+        "retry_delay_minutes": 0.01,
+        "grid": {"learning_rate": [0.05, 0.1]},
+    },
+    "gru4rec": {"layers": [16], "n_epochs": 1, "n_sample": 64, "batch_size": 16},
+    "tracking": {"bootstrap_samples": 200, "system_metrics": False},
+}
+
+
+def day(offset: int) -> dt.date:
+    return DAY + dt.timedelta(days=offset)
+
+
+@pytest.fixture
+def pipeline_env(airflow_home: Path, pipeline_home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """A fresh pipeline home with the test config, the alert hook recording to a file, and its click-log root."""
+    config = pipeline_home / "pipeline.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    alerts = pipeline_home / "alerts.txt"
+    monkeypatch.setenv("PIPELINE_CONFIG", str(config))
+    monkeypatch.setenv("PIPELINE_ALERT_CALLBACK", "dag_test_alerts:record")
+    monkeypatch.setenv("DAG_TEST_ALERTS", str(alerts))
+    return {"home": pipeline_home, "clicks": pipeline_home / "data" / "clicks", "alerts": alerts}
+
+
+def generate(clicks: Path, start: dt.date, days: int, **kwargs: Any) -> dict[str, Any]:
+    generate_clicks(
+        str(clicks), days=days, start_date=start, sessions_per_day=200, n_items=100, seed=3, **kwargs
+    )
+    return json.loads((clicks / "_generated.json").read_text())
+
+
+def mlflow_state() -> dict[str, Any]:
+    """Everything a re-run must not change: runs per kind, registry versions and aliases."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import tracking
+    from pipeline.config import TrackingConfig
+
+    experiment = tracking.configure(TrackingConfig())
+    client = mlflow.MlflowClient()
+    runs = client.search_runs([experiment], max_results=1000)
+    versions = client.search_model_versions("name = 'gru4rec'")
+    aliases = {}
+    for alias in ("champion", "challenger"):
+        try:
+            aliases[alias] = client.get_model_version_by_alias("gru4rec", alias).version
+        except MlflowException:
+            aliases[alias] = None
+    return {
+        "runs": collections.Counter((r.data.tags.get("pipeline.kind"), r.info.status) for r in runs),
+        "run_ids": sorted(r.info.run_id for r in runs),
+        "versions": sorted((v.version, v.run_id) for v in versions),
+        "aliases": aliases,
+    }
+
+
+def task_instances(run_id: str) -> dict[str, Any]:
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        tis = session.scalars(select(TaskInstance).where(TaskInstance.run_id == run_id)).all()
+        return {
+            (ti.task_id, ti.map_index): {
+                "state": str(ti.state),
+                "queue": ti.queue,
+                "pool": ti.pool,
+                "try": ti.try_number,
+            }
+            for ti in tis
+        }
+
+
+def dag_run_note(run_id: str) -> str | None:
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        return session.scalar(select(DagRun).where(DagRun.run_id == run_id)).note
+
+
+def asset_events(run_id: str) -> list[dict[str, Any]]:
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        events = session.scalars(select(AssetEvent).where(AssetEvent.source_run_id == run_id)).all()
+        return [dict(e.extra) for e in events]
+
+
+def test_two_dates_promote_then_compete_and_a_rerun_changes_nothing(pipeline_env: dict[str, Path]) -> None:
+    generate(pipeline_env["clicks"], DAY, 4)
+    dag = demo.load_dag()
+
+    first = demo.run_dag(dag, day(2))
+    assert first.ok, first.failed
+    decision = first.summary["decision"]
+    assert decision["action"] == "promoted" and decision["champion_version"] is None
+    assert first.summary["champion"]["version"] == decision["candidate_version"] == "1"
+    assert len(first.summary["trials"]) == 2 and all(t["run_id"] for t in first.summary["trials"])
+    # Training went to the GPU queue and pool; everything else to the default queue.
+    tis = task_instances(first.run_id)
+    assert {(k[1], v["queue"], v["pool"]) for k, v in tis.items() if k[0] == "train"} == {
+        (0, "gpu", "gpu"),
+        (1, "gpu", "gpu"),
+    }
+    assert tis[("validate", 0)]["queue"] == "default"
+    assert len([k for k in tis if k[0] == "validate"]) == 3  # the 3-day training window, one task per day
+    # The summary is the DAG run's note, and build told other DAGs about the new dataset.
+    assert dag_run_note(first.run_id) == first.summary["note"]
+    assert first.summary["note"].startswith(f"**promoted**: gru4rec v1 is now @champion ({day(2)})")
+    dataset_uri = first.summary["dataset"]["uri"]
+    assert asset_events(first.run_id) == [
+        {"uri": dataset_uri, "date": str(day(2)), "fingerprint": first.summary["dataset"]["fingerprint"],
+         "dag_run_id": first.run_id}
+    ]  # fmt: skip
+
+    second = demo.run_dag(dag, day(3))
+    assert second.ok, second.failed
+    decision = second.summary["decision"]
+    # The second date competes with the first date's champion, re-evaluated on the same (new) test data.
+    assert decision["champion_version"] == "1" and decision["champion_reevaluated"] is True
+    assert decision["action"] in {"promoted", "challenger"}
+    assert decision["candidate_version"] == "2"
+    assert decision["test"]["n"] > 0 and decision["champion_value"] is not None
+    expected_champion = "2" if decision["action"] == "promoted" else "1"
+    assert second.summary["champion"]["version"] == expected_champion
+    before = mlflow_state()
+    assert before["runs"][("training", "FINISHED")] == 4 and before["runs"][("parent", "FINISHED")] == 2
+    assert [v for v, _ in before["versions"]] == ["1", "2"]
+
+    rerun = demo.run_dag(dag, day(2))
+    assert rerun.ok, rerun.failed
+    assert rerun.run_id != first.run_id  # Airflow replaced the run of that date...
+    assert mlflow_state() == before  # ...but no MLflow run, registry version or alias changed
+    assert rerun.summary["decision"] == first.summary["decision"]
+    assert [t["run_id"] for t in rerun.summary["trials"]] == [t["run_id"] for t in first.summary["trials"]]
+    assert all(t["reused"] for t in rerun.summary["trials"])
+    assert rerun.summary["dataset"]["fingerprint"] == first.summary["dataset"]["fingerprint"]
+    assert pipeline_env["alerts"].exists() is False  # nothing failed, nobody was paged
+
+
+def test_corrupted_rows_are_quarantined_and_training_goes_on(
+    pipeline_env: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    corruption = {"null_item_id": 0.003, "duplicate": 0.003, "out_of_order": 0.002}
+    generated = generate(pipeline_env["clicks"], DAY, 3, corruption=corruption)
+    dag = demo.load_dag()
+
+    outcome = demo.run_dag(dag, day(2), conf={"grid": [{"learning_rate": 0.1}]})
+    assert outcome.ok, outcome.failed
+    out = pipeline_env["home"] / "output" / "validated"
+    for partition in generated["partitions"]:
+        assert partition["expected_quarantined"] > 0
+        report = json.loads((out / f"dt={partition['date']}" / "report.json").read_text())
+        assert report["success"] is True
+        assert report["rows_quarantined"] == partition["expected_quarantined"]
+        assert (
+            report["rows_in"] == report["rows_valid"] + report["rows_quarantined"] + report["rows_rejected"]
+        )
+        quarantine = ds.dataset(out / f"dt={partition['date']}" / "quarantine").to_table()
+        assert quarantine.num_rows == partition["expected_quarantined"]
+        assert "reason" in quarantine.column_names
+    summary = outcome.summary
+    assert summary["dataset"]["rows_quarantined"] == sum(
+        p["expected_quarantined"] for p in generated["partitions"]
+    )
+    assert len(summary["trials"]) == 1 and summary["trials"][0]["metrics"]["mrr_at_20"] > 0
+    assert summary["decision"]["action"] == "promoted"
+
+
+def test_table_level_failure_stops_before_training_and_registers_nothing(
+    pipeline_env: dict[str, Path],
+) -> None:
+    generate(pipeline_env["clicks"], DAY, 2)
+    # The run's own day: 5% of the rows have no session id, far above the 1% quarantine threshold.
+    generate(pipeline_env["clicks"], day(2), 1, corruption={"null_session_id": 0.05})
+    dag = demo.load_dag()
+
+    outcome = demo.run_dag(dag, day(2))
+    assert outcome.state == "failed"
+    tis = task_instances(outcome.run_id)
+    failed = {k: v for k, v in tis.items() if v["state"] == "failed"}
+    assert list(failed) == [("validate", 2)]
+    assert failed[("validate", 2)]["try"] == 1  # bad data is not retried, although retries=2
+    for task_id in ("build", "prepare_trials", "train", "promote", "summary"):
+        states = {v["state"] for k, v in tis.items() if k[0] == task_id}
+        assert states == {"upstream_failed"}, (task_id, states)
+    # The failed partition's report is where the log says, and nothing reached MLflow.
+    report = pipeline_env["home"] / "output" / "validated" / f"dt={day(2)}" / "report.json"
+    assert json.loads(report.read_text())["success"] is False
+    state = mlflow_state()
+    assert state["versions"] == [] and state["run_ids"] == []
+    assert outcome.summary is None
+    alerts = pipeline_env["alerts"].read_text().splitlines()
+    assert len(alerts) == 1
+    assert f"task validate[2] failed (try 1/3): ValidationFailed: partition {day(2)}" in alerts[0]
+    assert str(report) in alerts[0]
+
+
+@pytest.fixture
+def airflow_api(airflow_home: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    """A real ``airflow api-server`` (REST API only) on the session's metadata DB, and the connection to it."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",  # tokens without credentials (GET /auth/token)
+        "AIRFLOW__API_AUTH__JWT_SECRET": "dag-tests-only",
+    }
+    log = open(tmp_path / "api-server.log", "w")  # noqa: SIM115 - closed at teardown
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "airflow", "api-server", "--apps", "core", "--workers", "1", "--host", "127.0.0.1",
+         "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/api/v2/monitor/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(
+                    f"airflow api-server did not start:\n{(tmp_path / 'api-server.log').read_text()[-3000:]}"
+                )
+            time.sleep(0.5)
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_AIRFLOW_API", json.dumps({"conn_type": "http", "host": "127.0.0.1", "port": port})
+        )
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the worker it started, nothing else
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+def test_summary_task_sets_the_run_note_through_the_rest_api(
+    pipeline_env: dict[str, Path], airflow_api: str
+) -> None:
+    """In a deployment tasks cannot reach the metadata DB: the note goes through the api-server."""
+    generate(pipeline_env["clicks"], DAY, 3)
+    dag = demo.load_dag()
+    logical = dt.datetime.combine(day(2), dt.time(), tzinfo=dt.UTC)
+    dr = dag.test(logical_date=logical, run_conf={"grid": [{"learning_rate": 0.1}]})  # no demo.set_note here
+    assert str(dr.state) == "success"
+    note = dag_run_note(dr.run_id)
+    assert note is not None and note.startswith(f"**promoted**: gru4rec v1 is now @champion ({day(2)})")
+    summary = json.loads(
+        (pipeline_env["home"] / "output" / "runs" / f"dt={day(2)}" / "summary.json").read_text()
+    )
+    assert note == summary["note"]

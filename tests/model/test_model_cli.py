@@ -1,0 +1,72 @@
+"""`python -m pipeline train | evaluate | tune`: the CLI contract other tools rely on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = ["--set", "layers=[16]", "--set", "batch_size=8", "--set", "n_sample=16", "--set", "n_epochs=2"]
+
+
+def test_train_then_evaluate_end_to_end(synth, tmp_path, capsys):
+    config = tmp_path / "rsc15.yaml"
+    config.write_text("loss: cross-entropy\nlayers: [32]\nbatch_size: 8\nn_sample: 16\nmomentum: 0.1\nn_epochs: 1\n")
+    out = tmp_path / "model"
+    rc = main(["train", "--train", str(synth["train"]), "--valid", str(synth["test"]), "--config", str(config),
+               "--set", "n_epochs=2", "--set", "dropout_p_hidden=0.1", "--out", str(out), "--device", "auto"])
+    assert rc == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["config"]["layers"] == [32] and ckpt["config"]["n_epochs"] == 2  # --set wins over the file
+    assert ckpt["config"]["dropout_p_hidden"] == 0.1 and ckpt["config"]["momentum"] == 0.1
+    metrics = json.loads((out / "train_metrics.json").read_text())
+    assert {"train_seconds", "train_events_per_second", "epoch_loss", "valid"} <= set(metrics)
+    assert "trained 2 epochs" in capsys.readouterr().out
+
+    rc = main(["evaluate", "--model", str(out), "--test", str(synth["test"]), "--cutoffs", "5", "20",
+               "--ties", "standard", "--json", str(tmp_path / "eval" / "m.json")])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "GRU4Rec" in printed and "S-POP" in printed and "recall@20" in printed
+    result = json.loads((tmp_path / "eval" / "m.json").read_text())
+    assert set(result) >= {"recall@5", "mrr@5", "recall@20", "mrr@20", "n_predictions", "n_dropped_unknown", "baselines"}
+    assert "recall@1" not in result and result["ties"] == "standard"
+    assert set(result["baselines"]["spop"]) >= {"recall@20", "mrr@20", "n_predictions", "n_dropped_unknown"}
+
+
+def test_errors_are_messages_not_tracebacks(synth, tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    bad_param = run("train", "--train", str(synth["train"]), "--out", str(tmp_path / "m"), "--set", "learnin_rate=0.1")
+    assert bad_param.returncode == 2 and "unknown setting(s) gru4rec.learnin_rate" in bad_param.stderr
+    assert "Traceback" not in bad_param.stderr
+    bad_value = run("train", "--train", str(synth["train"]), "--out", str(tmp_path / "m"), "--set", "dropout_p_hidden=1.5")
+    assert bad_value.returncode == 2 and "dropout_p_hidden is a drop probability" in bad_value.stderr
+    missing = run("evaluate", "--model", str(tmp_path / "nothing"), "--test", str(synth["test"]))
+    assert missing.returncode == 2 and "not a trained model directory" in missing.stderr
+    no_gpu = run("train", "--train", str(synth["train"]), "--out", str(tmp_path / "m"), "--device", "cuda:7", *TINY)
+    if not torch.cuda.is_available():
+        assert no_gpu.returncode == 2 and "CUDA" in no_gpu.stderr and "Traceback" not in no_gpu.stderr
+
+
+def test_tune_cli_runs_a_bounded_search(synth, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(
+        "learning_rate: {type: float, low: 0.05, high: 0.2, log: true}\n"
+        "layers: {type: categorical, choices: [8, [16]]}\n"
+    )
+    rc = main(["tune", "--train", str(synth["train"]), "--valid", str(synth["test"]), "--space", str(space),
+               "--n-trials", "2", "--out", str(tmp_path / "tune"), *TINY, "--set", "n_epochs=1"])
+    assert rc == 0
+    lines = (tmp_path / "tune" / "trials.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    best = json.loads((tmp_path / "tune" / "best.json").read_text())
+    assert best["metric"] == "mrr@20" and best["best_value"] == max(json.loads(line)["objective"] for line in lines)
+    assert json.loads((tmp_path / "tune" / "best_config.json").read_text())["n_epochs"] == 1
