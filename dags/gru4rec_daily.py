@@ -11,7 +11,8 @@ when it is better than the model in production.
    quarantine, a table-level failure (missing column, empty day, too many bad rows) fails the run
    here, before any training, with the path of the report in the log.
 3. **build**: the Parquet session dataset (train / valid / test) of the window; emits the Asset
-   `gru4rec_session_dataset` so other DAGs can react to a new dataset.
+   `gru4rec_daily_session_dataset` (event extra: the dataset's URI, date and fingerprint) so other
+   DAGs can react to a new dataset.
 4. **prepare_trials** / **train** (one mapped task per grid point): GRU4Rec training on the `gpu`
    queue and in the `gpu` pool (how many trials share the GPUs); each trial is an MLflow run nested
    under one parent run per DAG run, keyed by (date, trial) so retries resume instead of duplicating.
@@ -38,7 +39,7 @@ from airflow.sdk import Asset, Param, dag, get_current_context, task
 from pipeline import tasks
 
 SETTINGS = tasks.dag_settings()
-SESSION_DATASET = Asset(name="gru4rec_session_dataset", uri=SETTINGS.dataset_asset_uri)
+SESSION_DATASET = Asset(name=SETTINGS.dataset_asset[0], uri=SETTINGS.dataset_asset[1])
 
 
 @dag(

@@ -3,7 +3,8 @@
 What it does, all under ``$PIPELINE_HOME`` (default ``./.local``):
 
 1. click logs: generates a few days of realistic click logs (``data/clicks/dt=YYYY-MM-DD/``) or uses
-   ``--data`` (a local folder or ``s3://`` prefix holding ``dt=YYYY-MM-DD/`` partitions);
+   ``--data``: a local folder or ``s3://`` prefix of ``dt=YYYY-MM-DD/`` partitions, used in place, or
+   any click log ``pipeline.ingest`` reads (e.g. a GRU4Rec TSV), split into daily partitions first;
 2. Airflow on SQLite (``airflow/``, the ``gpu`` pool created) and MLflow on SQLite (``mlflow.db``);
 3. runs the real DAG (``dags/gru4rec_daily.py``) with ``dag.test()`` for the last ``--runs`` days, one
    logical date after the other: the first run promotes a champion, the next ones compete with it;
@@ -116,6 +117,11 @@ def run_dag(dag: Any, day: dt.date, conf: dict[str, Any] | None = None) -> RunOu
     logical_date = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
     dr = dag.test(logical_date=logical_date, run_conf=conf or {})
     tis = dr.get_task_instances()
+    if not tis:
+        raise PipelineError(
+            f"the run for {day} has no task instances: is {day} before the DAG's start_date "
+            "(airflow.start_date in the pipeline config)?"
+        )
     states = {_ti_label(ti): _state(ti.state) for ti in tis}
     failed = sorted(_ti_label(ti) for ti in tis if ti.state == TaskInstanceState.FAILED)
     outcome = RunOutcome(day.isoformat(), dr.run_id, _state(dr.state), states, failed=failed)
@@ -238,10 +244,13 @@ class DemoOptions:
     end_date: dt.date | None = None  # last generated day; None = yesterday (UTC)
 
 
-def demo_config(opts: DemoOptions, data_uri: str, output_uri: str, train_days: int) -> dict[str, Any]:
+def demo_config(
+    opts: DemoOptions, data_uri: str, output_uri: str, first_day: dt.date, train_days: int
+) -> dict[str, Any]:
     """The embedded defaults: a small network and a 2-trial grid so the whole demo takes minutes on 2 cores."""
     return {
         "airflow": {
+            "start_date": first_day.isoformat(),  # Airflow runs no task for a date before the DAG's start
             "data_uri": data_uri,
             "output_uri": output_uri,
             "train_days": train_days,
@@ -283,28 +292,59 @@ def generate_demo_data(opts: DemoOptions, out_dir: Path, say: Callable[[str], No
 
 
 def partition_days(data_uri: str) -> list[dt.date]:
-    """The days of the ``dt=YYYY-MM-DD`` partitions under a local folder or ``s3://`` prefix."""
+    """The days of the ``dt=YYYY-MM-DD`` folders directly under a local folder or ``s3://`` prefix."""
     from pyarrow import fs as pafs
 
     from pipeline import storage
 
     fs, path = storage.resolve(data_uri)
     try:
+        if fs.get_file_info(path).type != pafs.FileType.Directory:
+            return []
         entries = fs.get_file_info(pafs.FileSelector(path, recursive=False))
-    except (FileNotFoundError, OSError) as exc:
-        raise InputError(f"cannot list click-log partitions under {data_uri}: {exc}") from None
+    except OSError as exc:
+        raise InputError(f"cannot list {data_uri}: {exc}") from None
     days = []
     for entry in entries:
         name = entry.path.rstrip("/").rsplit("/", 1)[-1]
         if entry.type == pafs.FileType.Directory and name.startswith("dt="):
             with contextlib.suppress(ValueError):
                 days.append(dt.date.fromisoformat(name[3:]))
-    if not days:
-        raise InputError(
-            f"{data_uri} holds no dt=YYYY-MM-DD/ partitions: put each day's click-log files in a folder named "
-            "dt=YYYY-MM-DD (see the README, 'Run it on your data')"
-        )
     return sorted(days)
+
+
+def import_by_day(source: str, out_dir: Path, say: Callable[[str], None]) -> str:
+    """Split a click log that is not partitioned by day (e.g. one GRU4Rec TSV) into ``dt=YYYY-MM-DD/``
+    Parquet partitions of canonical events (UTC days), which is what the DAG reads."""
+    import json
+    import shutil
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from pipeline import ingest, storage
+
+    marker = out_dir / "_imported.json"
+    if marker.exists() and json.loads(marker.read_text()).get("source") == storage.normalize(source):
+        say(f"  reusing {out_dir} (daily partitions of {source})")
+        return str(out_dir)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    events = ingest.read_events([source])
+    days = pc.strftime(events.column("timestamp"), format="%Y-%m-%d")
+    counts = {}
+    for day in sorted(d for d in pc.unique(days).to_pylist() if d is not None):
+        part = events.filter(pc.equal(days, day))
+        (out_dir / f"dt={day}").mkdir(parents=True)
+        pq.write_table(part, out_dir / f"dt={day}" / "events.parquet")
+        counts[day] = part.num_rows
+    undated = events.num_rows - sum(counts.values())
+    marker.write_text(
+        json.dumps({"source": storage.normalize(source), "rows": counts, "undated": undated}, indent=2)
+    )
+    say(f"  split {source} into {len(counts)} daily partitions under {out_dir}")
+    if undated:
+        say(f"  {undated} events have no timestamp and belong to no day: left out (see {marker})")
+    return str(out_dir)
 
 
 def run_demo(opts: DemoOptions) -> int:
@@ -322,11 +362,17 @@ def run_demo(opts: DemoOptions) -> int:
             terminal.write(msg + "\n")
 
         say("[1/4] click logs")
-        data_uri = opts.data or generate_demo_data(opts, home / "data" / "clicks", say)
+        if opts.data is None:
+            data_uri = generate_demo_data(opts, home / "data" / "clicks", say)
+        elif partition_days(opts.data):
+            data_uri = opts.data
+        else:
+            data_uri = import_by_day(opts.data, home / "data" / "imported", say)
         days = partition_days(data_uri)
         if len(days) < opts.runs + 2:
             raise InputError(
-                f"{data_uri} has {len(days)} daily partitions; the demo needs at least {opts.runs + 2}"
+                f"{data_uri} has {len(days)} daily partitions; the demo needs at least {opts.runs + 2} "
+                f"(training, validation and test days before the first of {opts.runs} runs)"
             )
         run_days = days[-opts.runs :]
         train_days = (run_days[0] - days[0]).days + 1  # the first run trains on every day up to it
@@ -335,7 +381,7 @@ def run_demo(opts: DemoOptions) -> int:
         say("[2/4] embedded Airflow (SQLite) and MLflow (SQLite)")
         output_uri = os.environ.get(tasks.OUTPUT_ENV) or str(home / "output")
         config_path = home / "demo-config.yaml"
-        _write_yaml(config_path, demo_config(opts, data_uri, output_uri, train_days))
+        _write_yaml(config_path, demo_config(opts, data_uri, output_uri, days[0], train_days))
         os.environ[tasks.CONFIG_ENV] = str(config_path)
         os.environ.setdefault("PIPELINE_MLFLOW_UI_URL", f"http://127.0.0.1:{MLFLOW_UI_PORT}")
         env = airflow_env(home / "airflow")

@@ -88,70 +88,19 @@ class ItemMap:
         return cls(arr, cnt)
 
 
-def _is_dataset_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "manifest.json").exists()
+def _is_dataset(uri: str) -> bool:
+    from pipeline import storage
+
+    return storage.exists(storage.join(uri, "manifest.json"))
 
 
-def _read_table(path: Path, split: str) -> tuple[pa.Table, pa.Array | None]:
-    """The raw table behind ``path`` (and a dataset's item catalogue when reading its train split)."""
-    import pyarrow.parquet as pq
-
-    if _is_dataset_dir(path):
-        split_dir = path / split
-        if not split_dir.exists():
-            raise InputError(f"session dataset {path} has no '{split}' split (expected {split_dir})")
-        table = pq.read_table(split_dir)
-        catalogue = None
-        if split == "train" and (path / "items").exists():
-            items = pq.read_table(path / "items", columns=["item_idx", "item_id"]).sort_by("item_idx")
-            idx = items.column("item_idx").to_numpy()
-            if not np.array_equal(idx, np.arange(len(idx))):
-                raise InputError(f"{path / 'items'}: item_idx must be dense 0..n-1")
-            catalogue = items.column("item_id").cast(pa.string()).combine_chunks()
-        return table, catalogue
-    if path.is_dir():
-        if not any(path.rglob("*.parquet")):
-            raise InputError(f"{path} is a directory without manifest.json or Parquet files")
-        return pq.read_table(path), None
-    if not path.exists():
-        raise InputError(f"input not found: {path}")
-    if path.suffix == ".parquet":
-        return pq.read_table(path), None
-    return _read_tsv(path), None
-
-
-def _read_tsv(path: Path) -> pa.Table:
-    from pyarrow import csv
-
-    try:
-        return csv.read_csv(
-            path,
-            parse_options=csv.ParseOptions(delimiter="\t"),
-            convert_options=csv.ConvertOptions(
-                column_types={"SessionId": pa.string(), "ItemId": pa.string(), "Time": pa.float64()}
-            ),
-        )
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise InputError(f"{path}: not a GRU4Rec TSV file (SessionId<TAB>ItemId<TAB>Time): {exc}") from None
-
-
-_COLUMNS = {  # accepted spellings: canonical events / dataset splits, then the GRU4Rec TSV header
-    "session": ("session_id", "SessionId"),
-    "item": ("item_id", "ItemId"),
-    "time": ("timestamp", "Time"),
-}
-
-
-def _column(table: pa.Table, role: str, source: str) -> pa.ChunkedArray:
-    for name in _COLUMNS[role]:
-        if name in table.column_names:
-            col = table.column(name)
-            if col.null_count:
-                raise InputError(f"{source}: column {name} has {col.null_count} missing values")
-            return col
-    raise InputError(
-        f"{source}: no {role} column (expected one of {', '.join(_COLUMNS[role])}; found {', '.join(table.column_names)})"
-    )
+def _column(table: pa.Table, name: str, source: str) -> pa.ChunkedArray:
+    if name not in table.column_names:
+        raise InputError(f"{source}: no {name} column (found {', '.join(table.column_names)})")
+    col = table.column(name)
+    if col.null_count:
+        raise InputError(f"{source}: column {name} has {col.null_count} missing values")
+    return col
 
 
 def _seconds(col: pa.ChunkedArray, source: str) -> np.ndarray:
@@ -169,9 +118,9 @@ def log_from_table(table: pa.Table, source: str, catalogue: pa.Array | None = No
     """
     if catalogue is None and split == "train" and "item_idx" in table.column_names:
         catalogue = _catalogue_from_index(table, source)
-    sessions = _column(table, "session", source).cast(pa.string())
-    items = _column(table, "item", source).cast(pa.string()).combine_chunks()
-    times = _seconds(_column(table, "time", source), source)
+    sessions = _column(table, "session_id", source).cast(pa.string())
+    items = _column(table, "item_id", source).cast(pa.string()).combine_chunks()
+    times = _seconds(_column(table, "timestamp", source), source)
     n = len(times)
     if n == 0:
         raise InputError(f"{source}: no events")
@@ -196,15 +145,27 @@ def _catalogue_from_index(table: pa.Table, source: str) -> pa.Array:
 
 
 def read_log(path: str | Path | ClickLog | pa.Table, split: str = "train") -> ClickLog:
-    """Read a GRU4Rec TSV file, a Parquet file/folder of events or a session dataset's ``split``."""
+    """Click events from a session dataset's ``split`` (a directory or ``s3://`` prefix with a manifest), from
+    any click-log file or folder ``pipeline.ingest`` reads (GRU4Rec TSV, Parquet, ...), or from a table
+    with the canonical columns (session_id, item_id, timestamp)."""
     if isinstance(path, ClickLog):
         return path
     if isinstance(path, pa.Table):
-        return log_from_table(path, f"<table:{split}>", split=split)
-    p = Path(path)
-    table, catalogue = _read_table(p, split)
-    source = str(p / split) if _is_dataset_dir(p) else str(p)
-    return log_from_table(table, source, catalogue, split)
+        return log_from_table(path, f"<{split} table>", split=split)
+    uri = str(path)
+    if _is_dataset(uri):
+        from pipeline import sessions
+
+        catalogue = None
+        if split == "train":
+            items = sessions.read_split(uri, "items").sort_by("item_idx")
+            if not np.array_equal(items.column("item_idx").to_numpy(), np.arange(items.num_rows)):
+                raise InputError(f"{uri}: the items table's item_idx must be dense 0..n-1")
+            catalogue = items.column("item_id").cast(pa.string()).combine_chunks()
+        return log_from_table(sessions.read_split(uri, split), f"{uri} ({split} split)", catalogue, split)
+    from pipeline import ingest
+
+    return log_from_table(ingest.read_events([uri], columns=["session_id", "item_id", "timestamp"]), uri, split=split)
 
 
 def build_item_map(train: ClickLog) -> ItemMap:

@@ -74,9 +74,18 @@ class SuiteParams:
     check_order: bool
 
 
-def build_suite(params: SuiteParams, *, row_rules: bool = True) -> gx.ExpectationSuite:
-    """The suite for one batch; every expectation carries its rule name and level in ``meta``.
+def suite_parameters(params: SuiteParams) -> dict[str, Any]:
+    """The run-time values of the suite's ``$PARAMETER`` thresholds (they differ from batch to batch)."""
+    values: dict[str, Any] = {"timestamp_floor": params.timestamp_floor, "partition_end": params.partition_end}
+    if params.freshness_floor is not None:
+        values["freshness_floor"] = params.freshness_floor
+    return values
 
+
+def build_suite(params: SuiteParams, *, row_rules: bool = True) -> gx.ExpectationSuite:
+    """The suite for batches like this one; every expectation carries its rule name and level in ``meta``.
+
+    Times are ``$PARAMETER``s (see :func:`suite_parameters`), so consecutive batches share one suite.
     ``row_rules=False`` leaves out the row-level rules (for a batch whose columns are already known bad).
     """
     import great_expectations as gx
@@ -92,7 +101,9 @@ def build_suite(params: SuiteParams, *, row_rules: bool = True) -> gx.Expectatio
     expectations.append(gxe.ExpectTableRowCountToBeBetween(min_value=params.min_rows, meta=meta("min_rows", "table")))
     if params.freshness_floor is not None:
         expectations.append(
-            gxe.ExpectColumnMaxToBeBetween(column=TIMESTAMP, min_value=params.freshness_floor, meta=meta("freshness", "table"))
+            gxe.ExpectColumnMaxToBeBetween(
+                column=TIMESTAMP, min_value={"$PARAMETER": "freshness_floor"}, meta=meta("freshness", "table")
+            )
         )
     if not row_rules:
         return gx.ExpectationSuite(name=SUITE_NAME, expectations=expectations, meta={"version": SUITE_VERSION})
@@ -101,8 +112,8 @@ def build_suite(params: SuiteParams, *, row_rules: bool = True) -> gx.Expectatio
     expectations.append(
         gxe.ExpectColumnValuesToBeBetween(
             column=TIMESTAMP,
-            min_value=params.timestamp_floor,
-            max_value=params.partition_end,
+            min_value={"$PARAMETER": "timestamp_floor"},
+            max_value={"$PARAMETER": "partition_end"},
             strict_max=True,
             meta=meta("timestamp_window", "row"),
         )
@@ -206,11 +217,18 @@ def derive(table: pa.Table, params: SuiteParams) -> Derived:
     # float64 with NaN for "no session": GX checks plain numpy numbers vectorized, nullable ints row by row.
     lengths = np.where(has_session, counts[np.maximum(session, 0)], np.nan).astype(np.float64)
 
-    keys = [session, item, ts]
-    for name in EVENT_SCHEMA.names[3:]:  # user_id, event_type: part of "exact" when present
-        if name in table.column_names and table.column(name).null_count < n:
-            keys.append(_codes(table.column(name)))
-    dups = duplicate_of(keys)
+    dups = duplicate_of([session, item, ts])
+    extra = [name for name in EVENT_SCHEMA.names[3:] if name in table.column_names and table.column(name).null_count < n]
+    if extra and (dups >= 0).any():
+        # "Exact" includes user_id and event_type: re-check the few candidates with them (cheaper than
+        # encoding those columns for every row).
+        rows = np.flatnonzero(dups >= 0)
+        rows = np.union1d(rows, dups[rows])
+        sub = table.take(pa.array(rows))
+        keys = [session[rows], item[rows], ts[rows]] + [_codes(sub.column(name)) for name in extra]
+        local = duplicate_of(keys)
+        dups = np.full(n, -1, dtype=np.int64)
+        dups[rows] = np.where(local >= 0, rows[np.maximum(local, 0)], -1)
 
     if params.check_order:
         behind = seconds_before_session_max(session, ts, has_session & in_window)

@@ -301,6 +301,14 @@ def _strings_to_timestamp(arr: pa.ChunkedArray) -> pa.ChunkedArray | None:
     try:
         return arr.cast(pa.timestamp("us")).cast(TIMESTAMP_TYPE)  # no zone: taken as UTC
     except pa.ArrowInvalid:
+        pass
+    try:  # a mix of both
+        zoned = pc.match_substring_regex(arr, r"(Z|[+-]\d\d:?\d\d)$")
+        none = pa.scalar(None, pa.string())
+        with_zone = pc.if_else(zoned, arr, none).cast(TIMESTAMP_TYPE)
+        without = pc.if_else(zoned, none, arr).cast(pa.timestamp("us")).cast(TIMESTAMP_TYPE)
+        return pc.coalesce(with_zone, without)
+    except pa.ArrowInvalid:
         return None
 
 

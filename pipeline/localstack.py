@@ -140,6 +140,7 @@ AIRFLOW_WIRING: tuple[str, ...] = (
     "AWS_DEFAULT_REGION",
     "AWS_ENDPOINT_URL_S3",
     "PIPELINE_S3_ENDPOINT_URL",
+    "PIPELINE_S3_BUCKET",  # created by the init job when missing
     "PIPELINE_DATA_URI",  # click-log partitions dt=YYYY-MM-DD/
     "PIPELINE_OUTPUT_URI",  # validated partitions, datasets, models, run summaries
     "PIPELINE_HOME",  # worker scratch: training checkpoints a retried trial resumes from
@@ -303,6 +304,7 @@ def airflow_env(state: StackState) -> dict[str, str]:
              "login": ADMIN_USER, "password": s["admin_password"]}
         ),  # fmt: skip
         # The pipeline's data lives in the stack's bucket; workers keep checkpoints under the stack folder.
+        "PIPELINE_S3_BUCKET": BUCKET,
         "PIPELINE_DATA_URI": f"s3://{BUCKET}/clicks",
         "PIPELINE_OUTPUT_URI": f"s3://{BUCKET}/output",
         "PIPELINE_HOME": str(state.root / "pipeline"),
@@ -568,12 +570,28 @@ def _release_redis_db(db: int, owner: str) -> None:
 # init, up, down, status
 
 
+def ensure_bucket(bucket: str) -> None:
+    """Create the S3 bucket unless it exists (endpoint and credentials from the AWS_* environment)."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    client = boto3.client("s3")
+    try:
+        client.head_bucket(Bucket=bucket)
+    except ClientError as exc:
+        if exc.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+            raise StackError(f"S3 bucket {bucket}: {exc}") from None
+        client.create_bucket(Bucket=bucket)
+
+
 def init() -> None:
     """The one-shot init job (compose ``airflow-init``, the local stack): migrate the metadata database,
-    create the ``gpu`` pool, and write the admin password for the simple auth manager."""
+    create the ``gpu`` pool and the S3 bucket, and write the admin password for the simple auth manager."""
     slots = os.environ.get("GPU_POOL_SLOTS", "1")
     for argv in (("airflow", "db", "migrate"), ("airflow", "pools", "set", GPU_POOL, slots, GPU_POOL_DESCRIPTION)):
         subprocess.run(_resolve(argv), check=True)
+    if os.environ.get("PIPELINE_S3_BUCKET"):
+        ensure_bucket(os.environ["PIPELINE_S3_BUCKET"])
     password = os.environ.get("PIPELINE_AIRFLOW_ADMIN_PASSWORD")
     passwords_file = os.environ.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE")
     if password and passwords_file:
@@ -645,7 +663,6 @@ def up(
         )
         state.s3_pid, state.s3_endpoint, state.s3_port_base = s3.pid, s3.endpoint_url, int(s3.endpoint_url.rsplit(":", 1)[1]) - 3
         state.save()
-        s3server.create_bucket(s3, BUCKET)
         # MLflow migrates its own database while Airflow's init runs.
         start_service(state, "mlflow")
         init_log = state.logs / "airflow-init.log"
@@ -844,6 +861,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("down", help="stop every service by its pid, drop the stack's databases")
     sub.add_parser("status", help="pid, liveness and health of every service")
     sub.add_parser("env", help="print the client environment (MLflow, S3) as shell exports")
+    p_trig = sub.add_parser("trigger", help="trigger a DAG run through the REST API (and wait for it)")
+    p_trig.add_argument("dag_id")
+    p_trig.add_argument("--date", required=True, metavar="YYYY-MM-DD", help="the run's logical date (UTC)")
+    p_trig.add_argument("--conf", default="{}", metavar="JSON", help="run Params, e.g. '{\"grid\": {...}}'")
+    p_trig.add_argument("--wait", type=float, default=0, metavar="SECONDS", help="wait up to this long for the end")
     sub.add_parser("init", help="(run by `up` and by the compose airflow-init service) migrate, create the gpu pool")
     args = parser.parse_args(argv)
     try:
@@ -868,6 +890,18 @@ def main(argv: list[str] | None = None) -> int:
             down(args.home)
         elif args.command == "status":
             return 0 if _print_status(status(args.home)) else 3
+        elif args.command == "trigger":
+            api = StackState.load(args.home or default_home()).api()
+            api.wait_for_dag(args.dag_id)
+            try:
+                conf = json.loads(args.conf)
+            except json.JSONDecodeError as exc:
+                raise StackError(f"--conf is not JSON: {exc}") from None
+            run = api.trigger(args.dag_id, f"{args.date}T00:00:00+00:00", conf)
+            print(f"triggered {args.dag_id} run {run['dag_run_id']} (logical date {args.date})")
+            if args.wait:
+                done = api.wait_for_run(args.dag_id, run["dag_run_id"], timeout=args.wait)
+                print(f"{done['state']}: {done.get('note') or ''}")
         elif args.command == "env":
             state = StackState.load(args.home or default_home())
             for key, value in state.client_env().items():

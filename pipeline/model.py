@@ -46,9 +46,9 @@ def glorot_(weight: Tensor, fan_in: int, fan_out: int) -> Tensor:
 class GRULayer(nn.Module):
     """One GRU layer as a single-step cell: h' = (1 - z) * h + z * n (the GRU4Rec orientation of z).
 
-    The reset gate scales the hidden projection (r * (W_hn h)), the cuDNN/``nn.GRUCell`` form, so the
-    hidden state needs one fused matrix product per step. Gate blocks are stored side by side
-    (reset | update | candidate) and each block gets its own Glorot init, as in the original.
+    The reset gate scales the hidden projection (r * (W_hn h + b_hn)), the cuDNN/``nn.GRUCell`` form the
+    PyTorch reference uses, so the hidden state needs one fused matrix product per step. Gate blocks are
+    stored side by side (reset | update | candidate); each block gets its own Glorot init, biases start at 0.
     ``w_ih`` is None when the layer reads precomputed input projections (one-hot input mode).
     """
 
@@ -57,7 +57,8 @@ class GRULayer(nn.Module):
         self.n_hidden = n_hidden
         self.w_ih = nn.Parameter(torch.empty(n_in, 3 * n_hidden)) if n_in is not None else None
         self.w_hh = nn.Parameter(torch.empty(n_hidden, 3 * n_hidden))
-        self.bias = nn.Parameter(torch.zeros(3 * n_hidden))
+        self.bias = nn.Parameter(torch.zeros(3 * n_hidden))  # input side
+        self.bias_hh = nn.Parameter(torch.zeros(3 * n_hidden))  # hidden side (b_hn sits inside r * (...))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -67,6 +68,7 @@ class GRULayer(nn.Module):
                 glorot_(self.w_ih.data[:, gate * h : (gate + 1) * h], self.w_ih.shape[0], h)
             glorot_(self.w_hh.data[:, gate * h : (gate + 1) * h], h, h)
         nn.init.zeros_(self.bias)
+        nn.init.zeros_(self.bias_hh)
 
     def input_projection(self, x: Tensor) -> Tensor:
         assert self.w_ih is not None
@@ -75,7 +77,7 @@ class GRULayer(nn.Module):
     def cell(self, gx: Tensor, h: Tensor) -> Tensor:
         """One step from the input projection ``gx`` (bias included) and the previous state ``h``."""
         n = self.n_hidden
-        gh = h @ self.w_hh
+        gh = torch.addmm(self.bias_hh, h, self.w_hh)
         rz = torch.sigmoid(gx[:, : 2 * n] + gh[:, : 2 * n])
         r, z = rz[:, :n], rz[:, n:]
         cand = torch.tanh(gx[:, 2 * n :] + r * gh[:, 2 * n :])

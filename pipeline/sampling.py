@@ -39,10 +39,6 @@ class PopularitySampler:
         self._buffer: Tensor | None = None
         self._next = 0
 
-    def log_prob(self) -> Tensor:
-        """log of the sampling probability of every item (the logQ correction of the samples)."""
-        return torch.log(self.prob).to(torch.float32)
-
     def reset(self, generator: torch.Generator | None = None, rows: int | None = None) -> None:
         """Drop the buffer (optionally switching generator or buffer height); the next call refills it."""
         if generator is not None:

@@ -96,7 +96,12 @@ class DagSettings:
     train_days: int
     grid: Any
     promotion_margin: float
-    dataset_asset_uri: str
+
+    @property
+    def dataset_asset(self) -> tuple[str, str]:
+        """(name, uri) of the Asset ``build`` emits. Stable across deployments: an Asset's URI may not
+        change under its name, so the dataset's real location travels in each event's ``extra``."""
+        return f"{self.dag_id}_session_dataset", f"gru4rec://{self.dag_id}/session_dataset"
 
     def timetable(self) -> Any:
         """Daily data intervals: a run with logical date D covers [D, D+1) and starts after D+1 00:00."""
@@ -128,8 +133,6 @@ def dag_settings() -> DagSettings:
         start = dt.datetime.fromisoformat(af.start_date)
     except ValueError:
         raise ConfigError(f"airflow.start_date: expected YYYY-MM-DD, got {af.start_date!r}") from None
-    out = output_root(cfg)
-    datasets = join(out, "datasets")
     return DagSettings(
         dag_id=af.dag_id,
         schedule=af.schedule,
@@ -142,7 +145,6 @@ def dag_settings() -> DagSettings:
         train_days=af.train_days,
         grid=af.grid,
         promotion_margin=cfg.tracking.promotion_margin,
-        dataset_asset_uri=datasets if "://" in datasets else "file://" + datasets,
     )
 
 
@@ -218,6 +220,10 @@ def plan_run(
     overrides = dict(params.get("gru4rec") or {})
     grid = params.get("grid", cfg.airflow.grid)
     trials = expand_grid(grid, {**to_dict(cfg.gru4rec), **overrides})
+    log.info(
+        "run date %s: validate %s .. %s, train on %d day(s), %d trial(s): %s",
+        end, start, end, train_days, len(trials), "; ".join(f"{t['name']} {t['label']}" for t in trials),
+    )  # fmt: skip
     margin = params.get("promotion_margin")
     tracking = dataclasses.replace(
         cfg.tracking, promotion_margin=float(margin) if margin is not None else cfg.tracking.promotion_margin
@@ -324,6 +330,30 @@ def on_task_failure(context: Mapping[str, Any]) -> None:
             getattr(importlib.import_module(module), name or "alert")(message, context)
     except Exception:  # noqa: BLE001 - the alert path must never raise
         log.exception("alert callback %r failed", os.environ.get(ALERT_ENV, ""))
+    try:
+        _fail_parent_run(context)
+    except Exception:  # noqa: BLE001
+        log.exception("could not mark the MLflow parent run as failed")
+
+
+TRACKED_TASKS = {"train", "promote", "summary"}  # the tasks that run after the MLflow parent run opened
+
+
+def _fail_parent_run(context: Mapping[str, Any]) -> None:
+    """Close the DAG run's MLflow parent run as FAILED, so the MLflow UI does not show it running forever.
+
+    A later re-run of the date finds the same parent run again and closes it as FINISHED.
+    """
+    ti = context.get("ti")
+    if getattr(ti, "task_id", None) not in TRACKED_TASKS:
+        return
+    trials = ti.xcom_pull(task_ids="prepare_trials")
+    if not trials:
+        return
+    from pipeline import tracking
+
+    tracking.configure(from_mapping(PipelineConfig, dict(trials[0]["config"])).tracking)
+    tracking.end_run(trials[0]["parent_run_id"], "FAILED")
 
 
 def set_run_note(dag_id: str, run_id: str, note: str, conn_id: str) -> bool:

@@ -51,10 +51,17 @@ REPORT = "report.json"
 CLEAN = "clean"
 QUARANTINE = "quarantine"
 DATA_DOCS = "data_docs"
-PARQUET_OPTIONS = {"compression": "zstd", "row_group_size": 1 << 20}
+# Dictionary pages for the repetitive columns only: session ids are nearly unique per batch, where
+# dictionary encoding costs time and saves nothing.
+PARQUET_OPTIONS = {
+    "compression": "zstd",
+    "row_group_size": 1 << 20,
+    "use_dictionary": ["item_id", "user_id", "event_type"],
+}
 # SUMMARY: counts and a few example values per expectation (COMPLETE would also list every failing row).
 RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 10}
 MAX_WORKERS = 4
+WORK_IN_PARENT = True  # the calling process validates batches too (tests turn it off to exercise the helpers)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,7 +93,7 @@ def gx_context() -> tuple[Any, Any]:
     return _GX["context"], _GX["batch_definition"]
 
 
-def _run_suite(suite: Any, frame: Any, run_name: str) -> Any:
+def _run_suite(suite: Any, frame: Any, run_name: str, parameters: dict[str, Any]) -> Any:
     """Run the suite on a pandas frame; the result stays in the context's store for the Data Docs."""
     import great_expectations as gx
     from great_expectations.core.run_identifier import RunIdentifier
@@ -99,7 +106,10 @@ def _run_suite(suite: Any, frame: Any, run_name: str) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return definition.run(
-            batch_parameters={"dataframe": frame}, result_format=RESULT_FORMAT, run_id=RunIdentifier(run_name=run_name)
+            batch_parameters={"dataframe": frame},
+            expectation_parameters=parameters,
+            result_format=RESULT_FORMAT,
+            run_id=RunIdentifier(run_name=run_name),
         )
 
 
@@ -357,7 +367,8 @@ def _validate_batch(task: BatchTask) -> BatchOutcome:
         derived = ex.derive(table, params)
         columns.update(derived.columns)
     frame = _to_pandas(pa.table(columns)) if columns else _empty_frame(n)
-    result = _run_suite(ex.build_suite(params, row_rules=not problems), frame, run_name=f"{task.index:05d}-{batch.name}")
+    suite = ex.build_suite(params, row_rules=not problems)
+    result = _run_suite(suite, frame, f"{task.index:05d}-{batch.name}", ex.suite_parameters(params))
     del frame
     results = list(result.results)
     entry["expectations"] = [_expectation_entry(r) for r in results]
@@ -471,10 +482,10 @@ def _run_batches(tasks: list[BatchTask], workers: int) -> list[BatchOutcome]:
             while pending and len(futures) < workers - 1:
                 task = pending.pop()  # helpers take from the back, this process from the front
                 futures[pool.submit(run_batch, task)] = task
-            if pending:
+            if pending and WORK_IN_PARENT:
                 task = pending.pop(0)
             else:
-                idle = [f for f in futures if f.cancel()]  # not started yet: do it here instead
+                idle = [f for f in futures if WORK_IN_PARENT and f.cancel()]  # not started yet: do it here
                 if not idle:
                     if futures:
                         next(iter(futures)).exception()  # wait for a helper to finish a batch

@@ -78,13 +78,13 @@ def mlflow_state() -> dict[str, Any]:
     aliases = {}
     for alias in ("champion", "challenger"):
         try:
-            aliases[alias] = client.get_model_version_by_alias("gru4rec", alias).version
+            aliases[alias] = str(client.get_model_version_by_alias("gru4rec", alias).version)
         except MlflowException:
             aliases[alias] = None
     return {
         "runs": collections.Counter((r.data.tags.get("pipeline.kind"), r.info.status) for r in runs),
         "run_ids": sorted(r.info.run_id for r in runs),
-        "versions": sorted((v.version, v.run_id) for v in versions),
+        "versions": sorted((str(v.version), v.run_id) for v in versions),
         "aliases": aliases,
     }
 
@@ -301,3 +301,27 @@ def test_summary_task_sets_the_run_note_through_the_rest_api(
         (pipeline_env["home"] / "output" / "runs" / f"dt={day(2)}" / "summary.json").read_text()
     )
     assert note == summary["note"]
+
+
+def test_a_trial_that_cannot_train_fails_the_run_and_closes_its_mlflow_runs(
+    pipeline_env: dict[str, Path],
+) -> None:
+    generate(pipeline_env["clicks"], DAY, 3)
+    dag = demo.load_dag()
+
+    outcome = demo.run_dag(dag, day(2), conf={"grid": [{"learning_rate": 1e30}]})  # the loss diverges
+    assert outcome.state == "failed"
+    tis = task_instances(outcome.run_id)
+    assert (
+        tis[("train", 0)]["state"] == "failed" and tis[("train", 0)]["try"] == 1
+    )  # a bad setting is not retried
+    assert {tis[("promote", -1)]["state"], tis[("summary", -1)]["state"]} == {"upstream_failed"}
+    state = mlflow_state()
+    # The trial's run and the DAG run's parent run are closed as failed; nothing was registered.
+    assert state["runs"] == collections.Counter({("training", "FAILED"): 1, ("parent", "FAILED"): 1})
+    assert state["versions"] == []
+    alerts = pipeline_env["alerts"].read_text().splitlines()
+    assert (
+        len(alerts) == 1
+        and "task train[0] failed (try 1/3): ConfigError: batch_size must be >= 1" in alerts[0]
+    )

@@ -118,10 +118,11 @@ def test_bad_data_fails_without_retry_transient_errors_retry(dag) -> None:
     assert policy.evaluate(ConnectionError("reset"), try_number=1, max_tries=3).action == RetryAction.DEFAULT
 
 
-def test_build_emits_the_session_dataset_asset(dag, pipeline_home: Path) -> None:
+def test_build_emits_the_session_dataset_asset(dag) -> None:
     outlets = dag.get_task("build").outlets
-    assert [a.name for a in outlets] == ["gru4rec_session_dataset"]
-    assert outlets[0].uri == (pipeline_home / "output" / "datasets").as_uri()
+    assert [(a.name, a.uri) for a in outlets] == [
+        ("gru4rec_daily_session_dataset", "gru4rec://gru4rec_daily/session_dataset")
+    ]
 
 
 def test_params_defaults_and_trigger_form_validation(dag) -> None:
@@ -172,7 +173,6 @@ def test_deployment_config_moves_queue_pool_retries_and_schedule(
     train = dag.get_task("train")
     assert (train.queue, train.pool, train.retries) == ("trainers", "a100", 4)
     assert dag.timetable.expression == "0 3 * * *"
-    assert dag.get_task("build").outlets[0].uri == "s3://bucket/gru4rec/datasets"
     assert dag.params["grid"] == [{"layers": [64]}]
     assert dag.params["promotion_margin"] == 0.002
 

@@ -29,7 +29,7 @@ import yaml
 from pipeline import localstack
 from pipeline.config import TrackingConfig
 
-pytestmark = [pytest.mark.stack, pytest.mark.integration]
+pytestmark = [pytest.mark.stack, pytest.mark.integration, pytest.mark.timeout(600)]
 
 HERE = Path(__file__).resolve().parent
 PROBE = "infra_probe"

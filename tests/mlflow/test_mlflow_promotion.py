@@ -10,7 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import quick_config, race
+from mlflow_testkit import quick_config, race
 
 from pipeline import registry, tracking
 from pipeline.errors import PromotionError
@@ -170,19 +170,24 @@ def test_a_champion_from_another_item_space_is_re_evaluated_on_the_candidate_tes
     assert decision.test.n == metric(runs.other_items, "test_n_predictions")
 
 
-def test_two_promotions_racing_never_leave_the_alias_on_the_worse_model(runs: SimpleNamespace) -> None:
-    """Both compare against the same champion first (a barrier lines them up), then race to move it."""
+@pytest.mark.parametrize("late", ["medium", "strong"])
+def test_two_promotions_racing_never_leave_the_alias_on_the_worse_model(runs: SimpleNamespace, late: str) -> None:
+    """Both compare against the same champion (a barrier lines them up), then race to move the alias.
+
+    ``late`` reaches the alias a moment after the other: with the worse one late, only the re-verification
+    under the lock stops it from overwriting the better one with its stale comparison.
+    """
     cfg = config()
     registry.promote(cfg, [runs.weak])
-    decisions = race(cfg, [runs.medium, runs.strong])
+    decisions = race(cfg, [runs.medium, runs.strong], delays={getattr(runs, late): 1.0})
     assert champion_run(cfg) == runs.strong
-    # Whoever came second saw the champion move and compared again against the new one.
     strong, medium = decisions[runs.strong], decisions[runs.medium]
     assert strong.action == "promoted"
-    if medium.action == "promoted":  # medium won the lock first; strong then beat medium
-        assert strong.champion_version == medium.candidate_version
-    else:  # strong won first; medium was compared again, with strong, and lost
+    if late == "medium":  # strong moved the alias first; medium was compared again, with strong, and lost
         assert medium.action == "challenger" and medium.champion_version == strong.candidate_version
+        assert "not better" in medium.reason
+    else:  # medium moved first; strong saw the move, compared again with medium and won
+        assert medium.action == "promoted" and strong.champion_version == medium.candidate_version
     versions = client().search_model_versions(f"name = '{cfg.tracking.registered_model}'")
     assert len({v.run_id for v in versions}) == len(versions) == 3  # no duplicate registrations
 
@@ -226,6 +231,9 @@ def test_cli_promote_is_idempotent_and_takes_a_parent_run(runs: SimpleNamespace,
     assert main(["promote", "--run-id", child.run_id, *settings]) == 0
     second = json.loads(capsys.readouterr().out)
     assert second["action"] == "unchanged" and second["candidate_version"] == first["candidate_version"]
+    # Without --run-id / --parent-run-id the candidate is the newest finished training run.
+    assert main(["promote", *settings]) == 0
+    assert json.loads(capsys.readouterr().out)["candidate_run_id"] == child.run_id
     assert len(client().search_model_versions(f"name = '{name}'")) == 1
 
 

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from conftest import quick_config, race
+from mlflow_testkit import quick_config, race
 
 from pipeline import registry, tracking
 

@@ -12,9 +12,11 @@ from types import SimpleNamespace
 
 import pandas as pd
 import pytest
-from conftest import background, free_port, quick_config, tool_env, wait_http
+from mlflow_testkit import background, free_port, quick_config, tool_env, wait_http
 
 from pipeline import registry, tracking
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ def test_glorot_uniform_bounds_per_table_and_gate():
     assert model.gru[0].w_hh.abs().max() <= gate_bound
     assert model.gru[0].w_hh.abs().max() > 0.9 * gate_bound
     assert torch.count_nonzero(model.By) == 0 and torch.count_nonzero(model.gru[0].bias) == 0
+    assert torch.count_nonzero(model.gru[0].bias_hh) == 0
 
 
 def test_embedding_modes_share_or_separate_tables():
@@ -62,9 +63,10 @@ def test_gru_cell_matches_the_gru_equations():
     layer = GRULayer(4, 3)
     with torch.no_grad():
         layer.bias.uniform_(-1, 1)
+        layer.bias_hh.uniform_(-1, 1)
     x, h = torch.randn(2, 4), torch.randn(2, 3)
     gx = x @ layer.w_ih + layer.bias
-    gh = h @ layer.w_hh
+    gh = h @ layer.w_hh + layer.bias_hh
     r = torch.sigmoid(gx[:, :3] + gh[:, :3])
     z = torch.sigmoid(gx[:, 3:6] + gh[:, 3:6])
     n = torch.tanh(gx[:, 6:] + r * gh[:, 6:])

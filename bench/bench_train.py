@@ -1,0 +1,169 @@
+"""GRU4Rec training and evaluation speed on ../shared/data/yoochoose-100k (figures in docs/benchmarks.md).
+
+    .venv/bin/python bench/bench_train.py                       # RSC15 row, 1 and 2 threads, + evaluation
+    .venv/bin/python bench/bench_train.py --rows rsc15 retailrocket --epochs 3 --threads 1
+    .venv/bin/python bench/bench_train.py --profile             # where the time of a training step goes
+    .venv/bin/python bench/bench_train.py --device cuda         # on a GPU machine
+
+Training speed is training events per wall-clock second (events in train_tr.tsv x epochs / training time,
+validation excluded), the unit of the reference's figure (about 3,500 events/s on these 2 cores under
+load, 4,300 quiet). The machine is shared, so the script also prints the load average and events per
+CPU-second of this process (less sensitive to other processes than wall time), and runs the variants
+it compares back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = Path(os.environ.get("PIPELINE_SHARED_DATA", REPO.parent / "shared" / "data")) / "yoochoose-100k"
+REFERENCE_EVENTS_PER_S = {"loaded": 3500, "quiet": 4300}
+ROWS = {
+    "rsc15": dict(loss="cross-entropy", elu_param=0.0, layers=(100,), batch_size=32, dropout_p_embed=0.0,
+                  dropout_p_hidden=0.4, learning_rate=0.2, momentum=0.2, sample_alpha=0.5, bpreg=0.0, logq=1.0),
+    "retailrocket": dict(loss="bpr-max", elu_param=0.5, layers=(224,), batch_size=80, dropout_p_embed=0.5,
+                         dropout_p_hidden=0.05, learning_rate=0.05, momentum=0.4, sample_alpha=0.4, bpreg=1.95, logq=0.0),
+}
+
+
+def bench_training(row: str, epochs: int, threads: int, device: str) -> dict:
+    from pipeline.config import GRU4RecConfig
+    from pipeline.train import train
+
+    config = GRU4RecConfig(**ROWS[row], n_epochs=epochs)
+    load_before = os.getloadavg()[0]
+    cpu0 = time.process_time()
+    with tempfile.TemporaryDirectory() as tmp:
+        res = train(DATA / "train_tr.tsv", config, tmp, device=device, threads=threads, resume=False)
+    cpu = time.process_time() - cpu0
+    n_events = res.metrics["n_events"]
+    return {
+        "row": row,
+        "device": res.metrics["device"],
+        "threads": res.metrics["cpu_threads"],
+        "epochs": epochs,
+        "train_seconds": round(res.train_seconds, 2),
+        "events_per_s": round(res.train_events_per_second),
+        "events_per_cpu_s": round(n_events * epochs / cpu) if device == "cpu" else None,
+        "x_reference_loaded": round(res.train_events_per_second / REFERENCE_EVENTS_PER_S["loaded"], 2),
+        "x_reference_quiet": round(res.train_events_per_second / REFERENCE_EVENTS_PER_S["quiet"], 2),
+        "epoch_seconds": [round(s, 2) for s in res.metrics["epoch_seconds"]],
+        "load_avg_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def bench_evaluation(device: str, repeats: int = 3) -> list[dict]:
+    """10k predictions x 3k items (synthetic) and the real valid set, with and without baselines."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
+
+    from pipeline.evaluate import ItemMap, evaluate, index_sessions, read_log
+    from pipeline.model import GRU4Rec
+    from pipeline.predict import resolve_device
+
+    dev = resolve_device(device)
+    out = []
+    rng = np.random.default_rng(0)
+    n_items, n_sessions, length = 3000, 2000, 6  # 2000 sessions x 5 predictions = 10,000 predictions
+    synthetic = pa.table({
+        "session_id": np.repeat(np.arange(n_sessions), length).astype(str),
+        "item_id": rng.integers(0, n_items, n_sessions * length).astype(str),
+        "timestamp": np.tile(np.arange(length), n_sessions).astype(np.float64),
+    })
+    item_map = ItemMap.from_ids([str(i) for i in range(n_items)], rng.integers(1, 1000, n_items))
+    real_log = read_log(DATA / "train_valid.tsv")
+    real_map = ItemMap.from_ids(sorted(set(read_log(DATA / "train_tr.tsv").item_ids.to_pylist())), None)
+    real_map = ItemMap(real_map.item_ids, np.ones(len(real_map), np.int64))
+    for name, imap, log in (("10k predictions x 3k items", item_map, read_log(synthetic)),
+                            ("yoochoose valid (12,455 x 2,873)", real_map, real_log)):
+        data = index_sessions(log, imap)
+        torch.manual_seed(0)
+        model = GRU4Rec(len(imap), (100,)).to(dev)
+        for baselines in (False, True):
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                res = evaluate(model, imap, data, baselines=baselines)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            out.append({"case": name, "baselines": baselines, "predictions": res.metrics["n_predictions"],
+                        "seconds_best": round(min(times), 3), "seconds_median": round(float(np.median(times)), 3),
+                        "threads": torch.get_num_threads(), "device": str(dev)})
+    return out
+
+
+def profile_steps(row: str, steps: int, threads: int) -> str:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.config import GRU4RecConfig
+    from pipeline.evaluate import build_item_map, index_sessions, read_log
+    from pipeline.predict import build_model
+    from pipeline.train import Trainer, _DeviceSchedule, build_schedule
+
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    config = GRU4RecConfig(**ROWS[row])
+    log = read_log(DATA / "train_tr.tsv")
+    imap = build_item_map(log)
+    data = index_sessions(log, imap)
+    full = build_schedule(data.items, data.offsets, config.batch_size)
+    cut = full.bounds[steps]
+    sched = type(full)(full.inputs[:cut], full.targets[:cut], full.fresh[:cut], full.bounds[: steps + 1], {}, full.session_of[:cut])
+    cpu = torch.device("cpu")
+    trainer = Trainer(build_model(config, len(imap)), config, imap.counts, cpu)
+    ds = _DeviceSchedule.of(sched, cpu)
+    trainer.run_epoch(ds, 0)  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.run_epoch(ds, 1)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", nargs="+", default=["rsc15"], choices=sorted(ROWS))
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of 300 training steps and exit")
+    p.add_argument("--json", type=Path, help="write all results to this file")
+    args = p.parse_args()
+    if not DATA.exists():
+        print(f"data not found: {DATA}", file=sys.stderr)
+        return 2
+    if args.profile:
+        print(profile_steps(args.rows[0], 300, args.threads[0]))
+        return 0
+    results: dict = {"machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}, "training": [], "evaluation": []}
+    threads = args.threads if args.device == "cpu" else [0]
+    for row in args.rows:
+        for n in threads:
+            r = bench_training(row, args.epochs, n, args.device)
+            results["training"].append(r)
+            print(json.dumps(r), flush=True)
+    if not args.skip_eval:
+        import torch
+
+        torch.set_num_threads(max(args.threads))
+        for r in bench_evaluation(args.device):
+            results["evaluation"].append(r)
+            print(json.dumps(r), flush=True)
+    results["machine"]["load_avg_end"] = os.getloadavg()
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,123 @@
+"""Unit tests of pipeline.localstack's own logic: process-tree kills, environments, state, Redis claims.
+The services themselves run in tests/infra/test_stack.py. About 2 seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import localstack
+
+
+def _state(tmp_path: Path) -> localstack.StackState:
+    return localstack.StackState(
+        home=str(tmp_path),
+        api_port=28080,
+        mlflow_port=28081,
+        s3_port_base=28100,
+        s3_endpoint="http://127.0.0.1:28103",
+        airflow_db="pipeline_stack_x_airflow",
+        mlflow_db="pipeline_stack_x_mlflow",
+        redis_db=7,
+        secrets={
+            "fernet_key": "f", "api_secret_key": "a", "jwt_secret": "j", "admin_password": "p",
+            "s3_access_key": "ak", "s3_secret_key": "sk",
+        },  # fmt: skip
+        dags_folder=str(tmp_path / "dags"),
+        dag_bundles={"extra": str(tmp_path / "more")},
+        extra_env={"PIPELINE_CONFIG": "/etc/pipeline.yaml"},
+    )
+
+
+def test_kill_trees_reaches_descendants_in_their_own_process_groups(tmp_path: Path) -> None:
+    """Airflow puts each task process in a process group of its own: a process-group kill would miss it."""
+    pid_file = tmp_path / "grandchild.pid"
+    code = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(300)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not pid_file.exists() or not pid_file.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    grandchild = int(pid_file.read_text())
+    assert os.getpgid(grandchild) != os.getpgid(child.pid)
+    localstack.kill_trees([child.pid], signal.SIGKILL, grace=0)
+    deadline = time.monotonic() + 5
+    while localstack._alive(child.pid) or localstack._alive(grandchild):
+        assert time.monotonic() < deadline, "a process of the tree survived"
+        time.sleep(0.1)
+    child.wait(timeout=5)  # already reaped by kill_trees: returns at once
+
+
+def test_worker_hostname_names_the_service(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PIPELINE_WORKER_HOSTNAME", "airflow-worker-gpu")
+    assert localstack.worker_hostname() == "airflow-worker-gpu"
+    monkeypatch.delenv("PIPELINE_WORKER_HOSTNAME")
+    assert localstack.worker_hostname() and localstack.worker_hostname() != "airflow-worker-gpu"
+
+
+def test_service_env_has_policy_wiring_and_no_leaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Settings of another deployment in the caller's environment must not reach the stack's processes.
+    monkeypatch.setenv("AIRFLOW__CORE__EXECUTOR", "LocalExecutor")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-elses")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")
+    state = _state(tmp_path)
+    env = localstack.service_env(state, localstack.service("airflow-worker-gpu"))
+    assert {k: env[k] for k in localstack.AIRFLOW_POLICY} == localstack.AIRFLOW_POLICY
+    assert set(localstack.AIRFLOW_WIRING) <= set(env)
+    assert env["AWS_ACCESS_KEY_ID"] == "ak" and env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:28081"
+    assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:28080/execution/"
+    assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://127.0.0.1:6379/7"
+    assert env["AIRFLOW__CELERY__WORKER_CONCURRENCY"] == "1" and env["PIPELINE_WORKER_HOSTNAME"] == "airflow-worker-gpu"
+    assert env["PIPELINE_CONFIG"] == "/etc/pipeline.yaml"
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
+    conn = json.loads(env["AIRFLOW_CONN_AIRFLOW_API"])
+    assert (conn["host"], conn["port"], conn["login"], conn["password"]) == ("127.0.0.1", 28080, "admin", "p")
+    bundles = {b["name"]: b["kwargs"] for b in json.loads(env["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"])}
+    assert bundles == {"dags-folder": {}, "extra": {"path": str(tmp_path / "more")}}
+    mlflow = localstack.service_env(state, localstack.service("mlflow"))
+    assert set(localstack.MLFLOW_WIRING) <= set(mlflow) and "AIRFLOW__CORE__EXECUTOR" not in mlflow
+    assert mlflow["MLFLOW_BACKEND_STORE_URI"].endswith("/pipeline_stack_x_mlflow")
+
+
+def test_state_file_is_private_and_round_trips(tmp_path: Path) -> None:
+    state = _state(tmp_path)
+    state.pids = {"mlflow": 123}
+    state.save()
+    path = tmp_path / localstack.STATE_FILE
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert localstack.StackState.load(tmp_path) == state
+    with pytest.raises(localstack.StackError, match="no stack at"):
+        localstack.StackState.load(tmp_path / "elsewhere")
+
+
+def test_redis_databases_are_claimed_once_and_released_by_their_owner() -> None:
+    first = localstack._claim_redis_db("test-owner-a")
+    try:
+        second = localstack._claim_redis_db("test-owner-b")
+        try:
+            assert first != second
+            localstack._release_redis_db(first, "someone-else")  # not the owner: nothing happens
+            assert localstack._redis(first).get(localstack.REDIS_CLAIM_KEY) == b"test-owner-a"
+        finally:
+            localstack._release_redis_db(second, "test-owner-b")
+    finally:
+        localstack._release_redis_db(first, "test-owner-a")
+    assert localstack._redis(first).dbsize() == 0
+
+
+def test_unknown_service_is_named() -> None:
+    with pytest.raises(localstack.StackError, match="unknown service 'worker'.*airflow-worker-gpu"):
+        localstack.service("worker")
