@@ -4,14 +4,18 @@
     .venv/bin/python bench/bench_preprocess.py --events 1000000    # a quick run
 
 1. Generates a click log (daily Parquet partitions, a little injected corruption) once per size/seed; not timed.
-2. Runs each variant in its own child process, side by side in one run: ``pipeline`` (``validate`` then
-   ``build_dataset`` on its clean rows) and ``pandas`` (the per-partition rules and the GRU4Rec-style
+2. Runs each variant in its own child process, side by side in one run: ``pipeline`` (``python -m pipeline
+   validate``, then ``python -m pipeline build`` on its output: two processes, as the DAG runs them; validate
+   starts helper processes on a big input) and ``pandas`` (the per-partition rules and the GRU4Rec-style
    preprocessing written the way the public GRU4Rec preprocessing scripts are: whole frames, groupby,
    ``isin``, ``sort_values``). The pandas variant does the same rules (nulls, time window, exact duplicates,
    per-session order, bot-like sessions, quarantine share) so the outputs can be compared.
 3. Checks that both wrote the same train / valid / test / items rows (same order, same item index).
-4. Reports wall time (whole child process, imports included), events per second and peak memory: the
-   maximum RSS of the child (``ru_maxrss`` from wait4) and the polled RSS of its whole process tree.
+4. Reports wall time (whole child process, imports included), events per second and peak memory: the polled
+   RSS of the variant's whole process tree (the ratio uses this), the child's own ``ru_maxrss``, and for the
+   pipeline each phase's peak.
+5. ``--memory-scaling``: peak RSS of ``validate`` on the first 2, 5 and all partitions (bounded memory: it
+   should not grow with the number of partitions).
 """
 
 from __future__ import annotations
@@ -49,20 +53,35 @@ MIN_ITEM_SUPPORT = 5
 # Variant 1: this pipeline
 
 
-def run_pipeline(inputs: list[str], out: Path) -> dict:
-    from pipeline.config import BuildConfig, ValidationConfig
-    from pipeline.sessions import build_dataset
-    from pipeline.validate import validate
+def _cli(args: list[str]) -> dict:
+    """Run ``python -m pipeline ARGS`` as its own process (as a scheduler would); its time and peak RSS."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    out = proc.stdout.read() if proc.stdout else b""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"python -m pipeline {' '.join(args[:1])} failed with exit code {proc.returncode}")
+    return {"seconds": time.perf_counter() - t0, "peak_rss_mb": usage.ru_maxrss / 1024, "summary": json.loads(out)}
 
-    validation = ValidationConfig(
-        timestamp_floor=FLOOR, max_session_length=MAX_SESSION_LENGTH, max_quarantine_share=MAX_SHARE
-    )
-    build = BuildConfig(
-        test_days=TEST_DAYS, valid_days=VALID_DAYS, min_session_length=MIN_SESSION_LENGTH, min_item_support=MIN_ITEM_SUPPORT
-    )
-    report = validate(inputs, str(out / "validated"), validation=validation)
-    build_dataset([str(out / "validated")], str(out / "dataset"), build=build)
-    return {"rows_in": report["rows_in"], "rows_valid": report["rows_valid"]}
+
+def run_pipeline(inputs: list[str], out: Path) -> dict:
+    """``python -m pipeline validate`` then ``python -m pipeline build``: two processes, as the DAG runs them."""
+    validated, dataset = str(out / "validated"), str(out / "dataset")
+    settings = [
+        "--set", f"validation.timestamp_floor={FLOOR}", "--set", f"validation.max_session_length={MAX_SESSION_LENGTH}",
+        "--set", f"validation.max_quarantine_share={MAX_SHARE}",
+    ]  # fmt: skip
+    validate = _cli(["validate", *inputs, "--out", validated, *settings])
+    build = _cli(
+        ["build", validated, "--out", dataset, "--test-days", str(TEST_DAYS), "--valid-days", str(VALID_DAYS),
+         "--min-session-length", str(MIN_SESSION_LENGTH), "--min-item-support", str(MIN_ITEM_SUPPORT)]
+    )  # fmt: skip
+    return {
+        "rows_in": validate["summary"]["rows_in"],
+        "rows_valid": validate["summary"]["rows_valid"],
+        "phases": {name: {k: v for k, v in r.items() if k != "summary"} for name, r in (("validate", validate), ("build", build))},
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,6 +229,7 @@ def main() -> int:
     parser.add_argument("--workdir", default=str(REPO / ".local" / "bench"))
     parser.add_argument("--variants", default="pandas,pipeline")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--memory-scaling", action="store_true", help="also measure validate's peak RSS at 2, 5, all partitions")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -250,19 +270,34 @@ def main() -> int:
             problems.append(f"valid rows differ: {results['pandas']['rows_valid']} vs {results['pipeline']['rows_valid']}")
     print()
     print(f"events: {events:,} in {args.days} daily partitions ({summary['rows'] - sum(p['expected_quarantined'] for p in summary['partitions']):,} clean)")
-    print(f"{'variant':<10} {'wall s':>8} {'work s':>8} {'events/s':>12} {'peak RSS MB':>12} {'tree MB':>8}")
+    print(f"{'variant':<10} {'wall s':>8} {'work s':>8} {'events/s':>12} {'child RSS MB':>12} {'tree MB':>8}")
     for variant, r in results.items():
         print(
             f"{variant:<10} {r['wall_seconds']:>8.1f} {r['work_seconds']:>8.1f} {events / r['wall_seconds']:>12,.0f} "
             f"{r['peak_rss_mb']:>12.0f} {r['peak_rss_tree_mb']:>8.0f}"
         )
+    phases = results.get("pipeline", {}).get("phases", {})
+    for name, r in phases.items():
+        print(f"  pipeline {name:<9} {r['seconds']:>6.1f} s, peak RSS {r['peak_rss_mb']:>6.0f} MB")
     if {"pandas", "pipeline"} <= results.keys():
         speed = results["pandas"]["wall_seconds"] / results["pipeline"]["wall_seconds"]
-        memory = results["pipeline"]["peak_rss_mb"] / results["pandas"]["peak_rss_mb"]
+        memory = results["pipeline"]["peak_rss_tree_mb"] / results["pandas"]["peak_rss_tree_mb"]
         print(f"throughput ratio pipeline/pandas: {speed:.2f}x; peak memory ratio pipeline/pandas: {memory:.2f}")
         print("identical output: " + ("yes" if not problems else "NO: " + "; ".join(problems)))
+    scaling = {}
+    if args.memory_scaling:
+        print("\nvalidate peak RSS by number of partitions (same partition size):")
+        for k in sorted({min(2, len(inputs)), min(5, len(inputs)), len(inputs)}):
+            out = work / f"scaling-{k}"
+            shutil.rmtree(out, ignore_errors=True)
+            r = _cli(["validate", *inputs[:k], "--out", str(out), "--set", f"validation.max_quarantine_share={MAX_SHARE}"])
+            scaling[k] = {"events": r["summary"]["rows_in"], "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
+            print(f"  {k:>3} partitions, {r['summary']['rows_in']:>12,} events: {r['seconds']:6.1f} s, peak RSS {r['peak_rss_mb']:6.0f} MB")
+            shutil.rmtree(out, ignore_errors=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"events": events, "days": args.days, "results": results, "problems": problems}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"events": events, "days": args.days, "results": results, "problems": problems, "scaling": scaling}, indent=2)
+        )
     return 1 if problems else 0
 
 

@@ -22,7 +22,10 @@ when it is better than the model in production.
    task log and as this DAG run's note.
 
 **Trigger with config** to override the date window, the grid (a mapping of GRU4Rec parameter ->
-list of values, or a list of per-trial mappings), the training window and the promotion margin.
+list of values, or a list of per-trial mappings) or a random search (`search.n_trials` points drawn
+from a search space, trained in parallel), the training window and the promotion margin. A day
+validated by an earlier run is reused; to pick up late data for day X, clear that day's run (or
+set `window_start` to X). Runs for dates before `airflow.start_date` do nothing.
 Deployment settings (data/output roots, queue, pool, retries, schedule) come from the pipeline
 config file named by `PIPELINE_CONFIG` (section `airflow:`) and `PIPELINE_DATA_URI` /
 `PIPELINE_OUTPUT_URI` / `MLFLOW_TRACKING_URI`. The `gpu` pool must exist
@@ -40,6 +43,12 @@ from pipeline import tasks
 
 SETTINGS = tasks.dag_settings()
 SESSION_DATASET = Asset(name=SETTINGS.dataset_asset[0], uri=SETTINGS.dataset_asset[1])
+
+
+def _as_list(mapped_results: Any) -> list[Any]:
+    # Indexing a mapped task's lazy results by length reads each XCom once; plain iteration probes one
+    # past the end and logs an "XCom not found" error on every run.
+    return [mapped_results[i] for i in range(len(mapped_results))]
 
 
 @dag(
@@ -82,6 +91,12 @@ SESSION_DATASET = Asset(name=SETTINGS.dataset_asset[0], uri=SETTINGS.dataset_ass
             type=["object", "array"],
             description="Hyperparameter grid: {param: [values]} (cartesian product) or [{param: value}, ...].",
         ),
+        "search": Param(
+            {},
+            type="object",
+            description='Random search instead of the grid: {"n_trials": 4, "seed": 0, "space": {...}} '
+            "(space: pipeline.tune's format; default: its built-in space). Empty = use the grid.",
+        ),
         "gru4rec": Param(
             {},
             type="object",
@@ -121,7 +136,7 @@ def gru4rec_daily() -> None:
 
     @task(outlets=[SESSION_DATASET])
     def build(run: dict[str, Any], reports: list[dict[str, Any]], outlet_events=None) -> dict[str, Any]:
-        dataset = tasks.build_dataset(run, [reports[i] for i in range(len(reports))])
+        dataset = tasks.build_dataset(run, _as_list(reports))
         outlet_events[SESSION_DATASET].extra = tasks.asset_extra(run, dataset)
         return dataset
 
@@ -138,7 +153,7 @@ def gru4rec_daily() -> None:
     def promote(
         run: dict[str, Any], dataset: dict[str, Any], results: list[dict[str, Any]]
     ) -> dict[str, Any]:
-        return tasks.evaluate_and_promote(run, dataset, [results[i] for i in range(len(results))])
+        return tasks.evaluate_and_promote(run, dataset, _as_list(results))
 
     @task
     def summary(run: dict[str, Any], decision: dict[str, Any]) -> str:

@@ -15,7 +15,6 @@ canonical events, session dataset directories), because applying the train item 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -224,14 +223,65 @@ def tie_rank(greater: Any, greater_equal: Any, ties: str) -> Any:
 
 
 def rank_of_targets(scores: torch.Tensor, targets: torch.Tensor, ties: str) -> torch.Tensor:
-    """Rank of each row's target among all columns (NaN scores count as the worst possible)."""
+    """Rank of each row's target among all columns.
+
+    Counted from the "<" / "<=" side, so NaN works against the model: a NaN target ranks last and a NaN
+    item counts as scoring above the target.
+    """
     import torch
 
-    scores = torch.nan_to_num(scores, nan=-math.inf)
+    n = scores.shape[1]
     target = scores.gather(1, targets.unsqueeze(1))
-    greater = (scores > target).sum(1) if ties != "conservative" else None
-    greater_equal = (scores >= target).sum(1) if ties != "standard" else None
-    return tie_rank(greater, greater_equal, ties).to(torch.float64)
+    greater = n - (scores <= target).sum(1) if ties != "conservative" else None
+    greater_equal = n - (scores < target).sum(1) if ties != "standard" else None
+    return tie_rank(greater, greater_equal, ties).to(torch.float64).clamp_(max=n)
+
+
+class _SessionPopularity:
+    """S-POP ranks computed from each session's own prefix, never from a catalogue-wide matrix.
+
+    S-POP scores an item by its count in the session so far, ties broken by training popularity: as one
+    integer, count * (max popularity + 1) + popularity. Items not in the session score below every session
+    item, so the rank of a target splits into the session's distinct items that beat it plus, for a target
+    not yet in the session, the catalogue items at least as popular (from a sorted popularity table).
+    """
+
+    def __init__(self, items: torch.Tensor, counts: torch.Tensor, ties: str) -> None:
+        import torch
+
+        self.items, self.pop, self.ties = items, counts, ties
+        self.weight = int(counts.max()) + 1
+        self.sorted_pop = torch.sort(counts).values
+        self.count = torch.zeros_like(items)  # per prefix position: occurrences of its item in the prefix
+        self.first = torch.zeros_like(items, dtype=torch.bool)  # first occurrence of its item in the session
+
+    def ranks(self, t: int, n: int) -> torch.Tensor:
+        """Ranks of the targets at position t + 1 of the first n sessions, after their items 0..t."""
+        import torch
+
+        prefix = self.items[:n, : t + 1]
+        repeat = prefix[:, :t] == prefix[:, t : t + 1]
+        self.count[:n, :t] += repeat.long()
+        self.count[:n, t] = repeat.sum(1) + 1
+        self.first[:n, t] = ~repeat.any(1)
+        first = self.first[:n, : t + 1]
+        y = self.items[:n, t + 1]
+        pop_prefix, pop_y = self.pop[prefix], self.pop[y]
+        score_prefix = self.count[:n, : t + 1] * self.weight + pop_prefix
+        score_y = ((prefix == y[:, None]).sum(1) * self.weight + pop_y).unsqueeze(1)
+        in_session = score_y[:, 0] >= self.weight
+        n_session = first.sum(1)
+        n_items = len(self.pop)
+        greater = greater_equal = None
+        if self.ties != "conservative":
+            outside = n_items - torch.searchsorted(self.sorted_pop, pop_y, right=True)
+            beyond = n_session + outside - (first & (pop_prefix > pop_y[:, None])).sum(1)
+            greater = torch.where(in_session, (first & (score_prefix > score_y)).sum(1), beyond)
+        if self.ties != "standard":
+            outside = n_items - torch.searchsorted(self.sorted_pop, pop_y, right=False)
+            beyond = n_session + outside - (first & (pop_prefix >= pop_y[:, None])).sum(1)
+            greater_equal = torch.where(in_session, (first & (score_prefix >= score_y)).sum(1), beyond)
+        return tie_rank(greater, greater_equal, self.ties).to(torch.float64)
 
 
 def metrics_from_ranks(ranks: np.ndarray, cutoffs: Sequence[int]) -> dict[str, float]:
@@ -283,9 +333,7 @@ def evaluate(
     lengths = np.diff(data.offsets)
     order = np.argsort(-lengths, kind="stable")  # longest first: running sessions are a row prefix
     chunk = max(1, score_budget // n_items)
-    counts = torch.as_tensor(item_map.counts, device=device)
-    # S-POP score as an exact integer: in-session count first, global popularity breaks ties.
-    pop_weight = int(item_map.counts.max(initial=0)) + 1
+    counts = torch.as_tensor(item_map.counts, dtype=torch.int64, device=device)
 
     model_ranks, spop_ranks, targets_all, rows_all = [], [], [], []
     was_training = model.training
@@ -302,16 +350,14 @@ def evaluate(
             rows = np.where(valid, data.rows[pos], -1)
             running = (lens[:, None] > col[None, 1:]).sum(0)  # sessions with a target at step t
             hidden = model.init_hidden(len(sess), device)
-            seen = torch.zeros(len(sess), n_items, dtype=torch.int64, device=device) if baselines else None
+            spop = _SessionPopularity(items, counts, ties) if baselines else None
             for t in range(width - 1):
                 n = int(running[t])
                 x, y = items[:n, t], items[:n, t + 1]
                 out, hidden = model.step(model.input_table[x], [h[:n] for h in hidden])
                 model_ranks.append(rank_of_targets(model.score(out, model.Wy, model.By), y, ties))
-                if seen is not None:
-                    seen[torch.arange(n, device=device), x] += 1
-                    spop = seen[:n] * pop_weight + counts
-                    spop_ranks.append(rank_of_targets(spop, y, ties))
+                if spop is not None:
+                    spop_ranks.append(spop.ranks(t, n))
                 targets_all.append(y)
                 rows_all.append(rows[:n, t + 1])
     model.train(was_training)

@@ -5,7 +5,7 @@ and bound to 127.0.0.1:
 
     seaweedfs              S3 (pipeline.s3server), one bucket for datasets and MLflow artifacts
     mlflow                 ``mlflow server``: PostgreSQL backend, ``--artifacts-destination s3://...``
-    airflow-init           one shot: ``airflow db migrate`` + the ``gpu`` pool (``python -m pipeline.localstack init``)
+    airflow-init           one shot (``python -m pipeline.localstack init``): migrate, ``gpu`` pool, bucket
     airflow-api-server     REST API /api/v2, UI, and the execution API the workers report to
     airflow-scheduler      CeleryExecutor: broker Redis, result backend PostgreSQL
     airflow-dag-processor  parses dags/ (and any extra DAG bundle)
@@ -95,7 +95,7 @@ SERVICES: tuple[Service, ...] = (
     ),
     Service(
         "airflow-worker-gpu",
-        ("airflow", "celery", "worker", "--queues", GPU_POOL, "--celery-hostname", "gpu@%h", "--skip-serve-logs"),
+        ("airflow", "celery", "worker", "--queues", "gpu", "--celery-hostname", "gpu@%h", "--skip-serve-logs"),
         # One task at a time per GPU worker; the `gpu` pool bounds trials across all GPU workers.
         {"PIPELINE_WORKER_HOSTNAME": "airflow-worker-gpu", "AIRFLOW__CELERY__WORKER_CONCURRENCY": "1"},
     ),
@@ -188,7 +188,6 @@ class StackState:
     home: str
     api_port: int
     mlflow_port: int
-    s3_port_base: int
     s3_endpoint: str
     airflow_db: str
     mlflow_db: str
@@ -199,6 +198,7 @@ class StackState:
     extra_env: dict[str, str] = field(default_factory=dict)  # passed to every Airflow process (e.g. PIPELINE_*)
     pids: dict[str, int] = field(default_factory=dict)
     s3_pid: int = 0
+    gpu_pool_slots: int = 1
 
     @property
     def root(self) -> Path:
@@ -297,7 +297,7 @@ def airflow_env(state: StackState) -> dict[str, str]:
         "AIRFLOW__API__BASE_URL": state.api_url,
         "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{state.api_url}/execution/",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(state.root / "secrets" / "passwords.json"),
-        "GPU_POOL_SLOTS": s.get("gpu_pool_slots", "1"),
+        "GPU_POOL_SLOTS": str(state.gpu_pool_slots),
         "PIPELINE_AIRFLOW_ADMIN_PASSWORD": s["admin_password"],
         "AIRFLOW_CONN_AIRFLOW_API": json.dumps(
             {"conn_type": "http", "schema": "http", "host": "127.0.0.1", "port": state.api_port,
@@ -483,11 +483,14 @@ def airflow_health(state: StackState) -> dict[str, str]:
     return {k: v.get("status", "?") for k, v in data.items() if isinstance(v, dict)}
 
 
-def wait_ready(state: StackState, names: Iterable[str], timeout: float = 240.0, offsets: Mapping[str, int] = {}) -> None:
+def wait_ready(
+    state: StackState, names: Iterable[str], timeout: float = 240.0, offsets: Mapping[str, int] | None = None
+) -> None:
     """Wait until the named services answer: HTTP health for servers, heartbeats for Airflow jobs,
-    Celery's ready line for workers."""
+    Celery's ready line for workers (looked for past ``offsets[name]`` bytes of its log)."""
     deadline = time.monotonic() + timeout
     names = list(names)
+    offsets = offsets or {}
 
     def left() -> float:
         return max(5.0, deadline - time.monotonic())
@@ -635,7 +638,6 @@ def up(
         home=str(root),
         api_port=port,
         mlflow_port=port + 1,
-        s3_port_base=0,
         s3_endpoint="",
         airflow_db=f"pipeline_stack_{stack_id}_airflow",
         mlflow_db=f"pipeline_stack_{stack_id}_mlflow",
@@ -647,11 +649,11 @@ def up(
             "admin_password": secrets.token_urlsafe(12),
             "s3_access_key": f"stack-{stack_id}",
             "s3_secret_key": secrets.token_urlsafe(24),
-            "gpu_pool_slots": str(gpu_pool_slots),
         },
         dags_folder=str(Path(dags_folder or REPO_ROOT / "dags").resolve()),
         dag_bundles={k: str(Path(v).resolve()) for k, v in (dag_bundles or {}).items()},
         extra_env=dict(extra_env or {}),
+        gpu_pool_slots=gpu_pool_slots,
     )
     state.save()
     try:
@@ -661,7 +663,7 @@ def up(
         s3 = s3server.start(
             root / "s3", access_key=state.secrets["s3_access_key"], secret_key=state.secrets["s3_secret_key"]
         )
-        state.s3_pid, state.s3_endpoint, state.s3_port_base = s3.pid, s3.endpoint_url, int(s3.endpoint_url.rsplit(":", 1)[1]) - 3
+        state.s3_pid, state.s3_endpoint = s3.pid, s3.endpoint_url
         state.save()
         # MLflow migrates its own database while Airflow's init runs.
         start_service(state, "mlflow")

@@ -23,7 +23,6 @@ MLflow backend (a unique name), so it works the same on SQLite, PostgreSQL and t
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -168,13 +167,17 @@ def paired_bootstrap(
 
 
 def pair_by_target_rows(
-    candidate_rows: np.ndarray, candidate_values: np.ndarray, champion_rows: np.ndarray, champion_values: np.ndarray
+    candidate_rows: np.ndarray,
+    candidate_values: np.ndarray,
+    champion_rows: np.ndarray,
+    champion_values: np.ndarray,
+    missing: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     """Align two models' per-prediction values on the candidate's predictions (test-table row of the target).
 
-    A prediction the champion did not make (its item map lacks the target or the whole session) counts as a
-    miss (0) for the champion: a model cannot recommend an item it does not know. Returns the two aligned
-    vectors and how many predictions the champion missed that way.
+    A prediction the champion did not make (its item map lacks the target or the whole session) gets
+    ``missing`` for the champion (a miss: 0 for a reciprocal rank, inf for a rank): a model cannot recommend
+    an item it does not know. Returns the two aligned vectors and how many predictions the champion missed.
     """
     c_rows = np.asarray(candidate_rows, dtype=np.int64)
     h_rows = np.asarray(champion_rows, dtype=np.int64)
@@ -186,7 +189,7 @@ def pair_by_target_rows(
     matched = np.zeros(c_rows.size, dtype=bool)
     inside = pos < sorted_rows.size
     matched[inside] = sorted_rows[pos[inside]] == c_rows[inside]
-    champion_on_candidate = np.zeros(c_rows.size, dtype=np.float64)
+    champion_on_candidate = np.full(c_rows.size, missing, dtype=np.float64)
     champion_on_candidate[matched] = np.asarray(champion_values, dtype=np.float64)[order][pos[matched]]
     return np.asarray(candidate_values, dtype=np.float64), champion_on_candidate, int((~matched).sum())
 
@@ -209,6 +212,8 @@ class Decision:
     candidate_value: float | None = None  # on the candidate's test split
     champion_value: float | None = None  # champion re-evaluated on the candidate's test split
     champion_logged_value: float | None = None  # what the champion reported on its own test split
+    candidate_metrics: dict[str, float] = field(default_factory=dict)  # recall_at_K / mrr_at_K ...
+    champion_metrics: dict[str, float] = field(default_factory=dict)  # ... on the same predictions
     same_item_space: bool | None = None
     champion_reevaluated: bool = False
     champion_missed_predictions: int = 0
@@ -242,6 +247,7 @@ def champion_version(client: MlflowClient, name: str, alias: str) -> ModelVersio
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
+        # No such model: RESOURCE_DOES_NOT_EXIST; no such alias: INVALID_PARAMETER_VALUE (SQL stores, server).
         if exc.error_code in {"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE"}:
             return None
         raise
@@ -484,6 +490,7 @@ def promote(
             candidate_value=best.data.metrics[metric.name],
             candidates=candidates,
         )
+        decision.candidate_metrics = {k: best.data.metrics[k] for k in _metric_names(best)}
         if champion is None:
             decision.action = "promoted"
             decision.reason = (
@@ -537,13 +544,13 @@ def _compare(
         champ_eval = evaluate_model(champion_dir, test, cutoffs=cutoffs, ties=cfg.eval.ties, device=device)
         cand_rows, cand_ranks = _candidate_ranks(run, Path(tmp), test, cutoffs, cfg.eval.ties, device)
     decision.champion_reevaluated = True
-    cand_values, champ_values, missed = pair_by_target_rows(
-        cand_rows,
-        metric.per_prediction(cand_ranks),
-        np.asarray(champ_eval.target_rows),
-        metric.per_prediction(np.asarray(champ_eval.ranks)),
+    cand_ranks, champ_ranks, missed = pair_by_target_rows(
+        cand_rows, cand_ranks, np.asarray(champ_eval.target_rows), np.asarray(champ_eval.ranks), missing=np.inf
     )
     decision.champion_missed_predictions = missed
+    decision.candidate_metrics = _metrics_from_ranks(cand_ranks, cutoffs)
+    decision.champion_metrics = _metrics_from_ranks(champ_ranks, cutoffs)
+    cand_values, champ_values = metric.per_prediction(cand_ranks), metric.per_prediction(champ_ranks)
     result = paired_bootstrap(
         cand_values, champ_values, margin=tcfg.promotion_margin, samples=tcfg.bootstrap_samples, seed=tcfg.bootstrap_seed
     )
@@ -565,6 +572,13 @@ def _compare(
     else:
         decision.action = "promoted"
         decision.reason = f"better by more than {tcfg.promotion_margin} with p < {tcfg.significance}: {summary}"
+
+
+def _metrics_from_ranks(ranks: np.ndarray, cutoffs: Sequence[int]) -> dict[str, float]:
+    from pipeline.evaluate import metrics_from_ranks
+    from pipeline.tracking import metric_key
+
+    return {metric_key(k): v for k, v in metrics_from_ranks(ranks, cutoffs).items()}
 
 
 def _candidate_ranks(run: Run, tmp: Path, test: Any, cutoffs: tuple[int, ...], ties: str, device: str):
@@ -697,6 +711,8 @@ def _record(
         f"champion_logged_{decision.metric}": decision.champion_logged_value,
         "alias_moved": float(decision.alias_moved),
     }
+    values |= {f"candidate_{k}": v for k, v in decision.candidate_metrics.items()}
+    values |= {f"champion_{k}": v for k, v in decision.champion_metrics.items()}
     if decision.test is not None:
         values |= {
             "mean_diff": decision.test.mean_diff,
@@ -747,6 +763,3 @@ def _get_run(client: MlflowClient, run_id: str) -> Run:
 def _metric_names(run: Run) -> list[str]:
     return sorted(k for k in run.data.metrics if re.fullmatch(r"(baseline_(s?pop)_)?(mrr|recall)_at_\d+", k))
 
-
-def decision_json(decision: Decision) -> str:
-    return json.dumps(decision.to_dict(), indent=2, sort_keys=True, default=str)

@@ -51,7 +51,8 @@ def load_pipeline_config() -> PipelineConfig:
 
 
 def _as_uri_root(value: str) -> str:
-    """Local roots become absolute paths (workers may run elsewhere in the tree); URIs stay as given."""
+    """URIs stay as given; a relative local path is taken under ``$PIPELINE_HOME`` (absolute, so every
+    worker resolves it the same way)."""
     if "://" in value:
         return value.rstrip("/")
     return str(pipeline_home().joinpath(value) if not os.path.isabs(value) else value).rstrip("/")
@@ -192,6 +193,29 @@ def expand_grid(grid: Any, base: Mapping[str, Any] | None = None) -> list[dict[s
     return trials
 
 
+def search_points(search: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``n_trials`` points drawn up front from a search space (pipeline.tune's default one unless
+    ``space`` is given): a random search the DAG maps in parallel like a grid. Seeded, so a re-run of
+    the date draws the same points and finds its MLflow runs again."""
+    import optuna
+
+    from pipeline.tune import SearchSpace
+
+    unknown = sorted(set(search) - {"n_trials", "seed", "space"})
+    if unknown:
+        raise ConfigError(f"search: unknown key(s) {unknown}; known: n_trials, seed, space")
+    if int(search.get("n_trials", 0)) < 1:
+        raise ConfigError(
+            f"search: n_trials must be >= 1 (or leave search empty to use the grid), got {search}"
+        )
+    space = SearchSpace(search["space"]) if search.get("space") else SearchSpace.load(None)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        direction="maximize", sampler=optuna.samplers.RandomSampler(seed=int(search.get("seed", 0)))
+    )
+    return [space.suggest(study.ask()) for _ in range(int(search["n_trials"]))]
+
+
 def run_date(params: Mapping[str, Any], logical_date: dt.datetime | None) -> dt.date:
     """The last day of data a run covers: the ``window_end`` Param, else the logical date (UTC)."""
     if params.get("window_end"):
@@ -218,7 +242,8 @@ def plan_run(
         raise ConfigError(f"train_days must be >= 1, got {train_days}")
 
     overrides = dict(params.get("gru4rec") or {})
-    grid = params.get("grid", cfg.airflow.grid)
+    search = dict(params.get("search") or {})
+    grid = search_points(search) if search else params.get("grid", cfg.airflow.grid)
     trials = expand_grid(grid, {**to_dict(cfg.gru4rec), **overrides})
     log.info(
         "run date %s: validate %s .. %s, train on %d day(s), %d trial(s): %s",
@@ -319,7 +344,8 @@ def on_task_failure(context: Mapping[str, Any]) -> None:
 
     The alert is pluggable: ``$PIPELINE_ALERT_CALLBACK`` or ``airflow.alert_callback`` names a
     ``module:function`` called as ``fn(message, context)`` (Slack, PagerDuty, e-mail...). A broken
-    alert is logged, never raised: it must not hide the task's own error.
+    alert is logged, never raised: it must not hide the task's own error. A failure after the MLflow
+    parent run opened also closes that run as FAILED.
     """
     message = failure_message(context)
     log.error("ALERT %s", message)
@@ -371,6 +397,8 @@ def set_run_note(dag_id: str, run_id: str, note: str, conn_id: str) -> bool:
     except Exception:  # noqa: BLE001 - AirflowNotFoundException or no Airflow context at all
         log.info("run note not set: no Airflow connection %r to the REST API", conn_id)
         return False
+    from urllib.parse import quote
+
     import httpx
 
     scheme = conn.schema or "http"
@@ -387,7 +415,7 @@ def set_run_note(dag_id: str, run_id: str, note: str, conn_id: str) -> bool:
             resp.raise_for_status()
             token = resp.json()["access_token"]
         resp = httpx.patch(
-            f"{base}/api/v2/dags/{dag_id}/dagRuns/{run_id}",
+            f"{base}/api/v2/dags/{quote(dag_id, safe='')}/dagRuns/{quote(run_id, safe='')}",
             params={"update_mask": "note"},
             json={"note": note[:NOTE_LIMIT]},
             headers={"Authorization": f"Bearer {token}"},

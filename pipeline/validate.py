@@ -58,9 +58,11 @@ PARQUET_OPTIONS = {
     "row_group_size": 1 << 20,
     "use_dictionary": ["item_id", "user_id", "event_type"],
 }
-# SUMMARY: counts and a few example values per expectation (COMPLETE would also list every failing row).
-RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 10}
+# BASIC: counts and a few example values per expectation (COMPLETE would also list every failing row,
+# and every extra metric makes GX copy the batch once more).
+RESULT_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": 10}
 MAX_WORKERS = 4
+AUTO_PARALLEL_BYTES = 64 << 20  # below this much input, helper processes cost more than they save
 WORK_IN_PARENT = True  # the calling process validates batches too (tests turn it off to exercise the helpers)
 
 
@@ -314,7 +316,7 @@ def run_batch(task: BatchTask) -> BatchOutcome:
 
 def _validate_batch(task: BatchTask) -> BatchOutcome:
     batch = task.batch
-    where = batch.name if len(batch.files) > 1 else batch.files[0]
+    where = storage.parent(batch.files[0]) if len(batch.files) > 1 else batch.files[0]
     entry: dict[str, Any] = {
         "index": task.index,
         "name": batch.name,
@@ -396,6 +398,8 @@ def _validate_batch(task: BatchTask) -> BatchOutcome:
         config = r.expectation_config
         if config.meta.get("level") != "row":
             continue
+        if (r.exception_info or {}).get("raised_exception"):
+            continue  # already a failure of the batch (step 3)
         rule = config.meta["rule"]
         expected = int((r.result or {}).get("unexpected_count") or 0)
         picked = int(derived.masks[rule].sum())
@@ -452,25 +456,40 @@ def _can_spawn() -> bool:
     return bool(path) and os.path.exists(path)
 
 
-def _workers(validation: ValidationConfig, n_batches: int) -> int:
-    wanted = validation.workers or min(os.cpu_count() or 1, MAX_WORKERS)
-    workers = max(1, min(wanted, n_batches))
+def _workers(validation: ValidationConfig, batches: Sequence[ingest_mod.Batch]) -> int:
+    """How many processes validate: as configured, else one per CPU when the input is big enough to pay
+    for starting them (each helper imports Great Expectations: seconds)."""
+    if validation.workers:
+        wanted = validation.workers
+    elif sum(storage.size(f) for b in batches for f in b.files) < AUTO_PARALLEL_BYTES:
+        wanted = 1
+    else:
+        wanted = min(os.cpu_count() or 1, MAX_WORKERS)
+    workers = max(1, min(wanted, len(batches)))
     return workers if workers == 1 or _can_spawn() else 1
 
 
-def _run_batches(tasks: list[BatchTask], workers: int) -> list[BatchOutcome]:
-    """Run every batch: here, and in ``workers - 1`` spawned processes when there are several.
+def _start_helpers(workers: int, n_batches: int) -> ProcessPoolExecutor | None:
+    """Helper processes for ``workers > 1`` (started first: they take seconds to import GX)."""
+    if workers <= 1 or n_batches <= 2:
+        return None
+    pool = ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+    for _ in range(workers - 1):
+        pool.submit(int)  # processes start on demand: ask now, so they boot while this one does too
+    return pool
+
+
+def _run_batches(tasks: list[BatchTask], pool: ProcessPoolExecutor | None, helpers: int) -> list[BatchOutcome]:
+    """Run every batch: here, and in the helper processes when there are some.
 
     This process works through the queue from the front and keeps each helper process fed with one batch,
     so helpers that are still starting (importing GX takes seconds) never hold up a short run: a batch a
     helper has not started yet is taken back. One partition per process at a time bounds the memory.
     """
-    if workers <= 1 or len(tasks) <= 2:
+    if pool is None:
         return [run_batch(t) for t in ingest_mod.progress(tasks, "validating")]
     done: dict[int, BatchOutcome] = {}
     pending = list(tasks)
-    spawn = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers - 1, mp_context=spawn, initializer=_worker_init)
     futures: dict[Any, BatchTask] = {}
     try:
         while pending or futures:
@@ -479,7 +498,7 @@ def _run_batches(tasks: list[BatchTask], workers: int) -> list[BatchOutcome]:
                 _import_results(outcome.gx_results)
                 outcome.gx_results = []
                 done[futures.pop(future).index] = outcome
-            while pending and len(futures) < workers - 1:
+            while pending and len(futures) < helpers:
                 task = pending.pop()  # helpers take from the back, this process from the front
                 futures[pool.submit(run_batch, task)] = task
             if pending and WORK_IN_PARENT:
@@ -493,8 +512,10 @@ def _run_batches(tasks: list[BatchTask], workers: int) -> list[BatchOutcome]:
                 task = futures.pop(idle[0])
             done[task.index] = run_batch(task)
             log.info("validated %d/%d batches", len(done), len(tasks))
-    finally:
+    except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)  # every batch is done: this only waits for helpers to exit
     return [done[t.index] for t in tasks]
 
 
@@ -519,14 +540,22 @@ def validate(
     check_config(validation)
     storage.check_disjoint(inputs, out_dir)
     batches = ingest_mod.plan_batches(inputs)
+    if not batches:
+        raise InputError("nothing to validate: no input files given")
     now = dt.datetime.now(dt.UTC)
-    workers = _workers(validation, len(batches))
-    gx_context()
+    workers = _workers(validation, batches)
+    pool = _start_helpers(workers, len(batches))
+    try:
+        gx_context()
+    except BaseException:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+        raise
     _clear_results()
     outcomes: list[BatchOutcome] = []
     with storage.staged_dir(out_dir, REPORT) as tmp, tempfile.TemporaryDirectory(prefix="gx-docs-") as docs_dir:
         tasks = [BatchTask(i, b, ingest_config, validation, now, tmp) for i, b in enumerate(batches)]
-        outcomes = _run_batches(tasks, workers)
+        outcomes = _run_batches(tasks, pool, workers - 1)
         for o in outcomes:
             o.report["failures"] = o.failures
             log.info(

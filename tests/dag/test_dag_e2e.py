@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -303,7 +304,7 @@ def test_summary_task_sets_the_run_note_through_the_rest_api(
     assert note == summary["note"]
 
 
-def test_a_trial_that_cannot_train_fails_the_run_and_closes_its_mlflow_runs(
+def test_a_diverging_trial_fails_the_run_without_retry_and_closes_its_mlflow_runs(
     pipeline_env: dict[str, Path],
 ) -> None:
     generate(pipeline_env["clicks"], DAY, 3)
@@ -312,16 +313,56 @@ def test_a_trial_that_cannot_train_fails_the_run_and_closes_its_mlflow_runs(
     outcome = demo.run_dag(dag, day(2), conf={"grid": [{"learning_rate": 1e30}]})  # the loss diverges
     assert outcome.state == "failed"
     tis = task_instances(outcome.run_id)
-    assert (
-        tis[("train", 0)]["state"] == "failed" and tis[("train", 0)]["try"] == 1
-    )  # a bad setting is not retried
+    # A NaN loss is not retried (retries=2): the same seed would diverge the same way.
+    assert (tis[("train", 0)]["state"], tis[("train", 0)]["try"]) == ("failed", 1)
     assert {tis[("promote", -1)]["state"], tis[("summary", -1)]["state"]} == {"upstream_failed"}
     state = mlflow_state()
     # The trial's run and the DAG run's parent run are closed as failed; nothing was registered.
     assert state["runs"] == collections.Counter({("training", "FAILED"): 1, ("parent", "FAILED"): 1})
     assert state["versions"] == []
     alerts = pipeline_env["alerts"].read_text().splitlines()
-    assert (
-        len(alerts) == 1
-        and "task train[0] failed (try 1/3): ConfigError: batch_size must be >= 1" in alerts[0]
+    assert len(alerts) == 1
+    assert "task train[0] failed (try 1/3): TrainingError: loss became nan" in alerts[0]
+
+
+@pytest.mark.slow
+def test_the_readme_run_command_end_to_end(tmp_path: Path) -> None:
+    """``make run`` = ``python -m pipeline demo``: generate, run two dates, print champion and UI commands."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PIPELINE_", "MLFLOW_"))}
+    args = [
+        "--days",
+        "4",
+        "--sessions-per-day",
+        "200",
+        "--items",
+        "100",
+        "--epochs",
+        "1",
+        "--end-date",
+        "2026-03-04",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "demo", *args],
+        env={**env, "PIPELINE_HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "logical date 2026-03-03" in out and "logical date 2026-03-04" in out
+    assert "**promoted**: gru4rec v1 is now @champion (2026-03-03)" in out
+    assert "champion: models:/gru4rec@champion = version" in out
+    assert f"AIRFLOW_HOME={home / 'airflow'}" in out and "airflow standalone" in out
+    assert f"mlflow ui --backend-store-uri sqlite:///{home / 'mlflow.db'}" in out
+    # Airflow's own chatter went to the log file, not the terminal.
+    assert "[DAG TEST]" not in out and "[DAG TEST]" in (home / "logs" / "demo.log").read_text()
+    # The runs, with their notes, are in the metadata DB the printed `airflow standalone` command opens.
+    with sqlite3.connect(home / "airflow" / "airflow.db") as db:
+        runs = db.execute(
+            "select substr(r.logical_date, 1, 10), r.state, n.content from dag_run r "
+            "left join dag_run_note n on n.dag_run_id = r.id where r.dag_id = 'gru4rec_daily' order by 1"
+        ).fetchall()
+    assert [(d, s) for d, s, _ in runs] == [("2026-03-03", "success"), ("2026-03-04", "success")]
+    assert all(note and note.startswith("**") for _, _, note in runs)

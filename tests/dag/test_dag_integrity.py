@@ -35,7 +35,9 @@ def test_dagbag_imports_without_errors(airflow_home: Path, pipeline_home: Path) 
     assert bag.dag_ids == [DAG_ID]  # AIRFLOW__CORE__LOAD_EXAMPLES=False: only our DAG
 
 
-def test_dag_file_has_no_heavy_imports_at_top_level(run_python) -> None:
+def test_dag_file_has_no_heavy_imports_at_top_level(
+    airflow_home: Path, pipeline_home: Path, run_python
+) -> None:
     """Parsing must stay cheap: the dag-processor re-parses the file every 30 s by default."""
     code = f"""
 import json, sys, time

@@ -143,3 +143,18 @@ def test_note_fits_airflow_and_keeps_links(pipeline_home: Path, monkeypatch: pyt
         "MLflow: parent run http://mlflow.example:5000/#/experiments/7/runs/par, "
         "best trial http://mlflow.example:5000/#/experiments/7/runs/abc"
     )
+
+
+def test_search_draws_the_same_points_on_a_rerun_within_the_space(pipeline_home: Path) -> None:
+    space = {
+        "learning_rate": {"type": "float", "low": 0.05, "high": 0.2, "log": True},
+        "layers": {"type": "categorical", "choices": [32, 64]},
+    }
+    first = plan(search={"n_trials": 3, "seed": 5, "space": space})["trials"]
+    again = plan(search={"n_trials": 3, "seed": 5, "space": space})["trials"]
+    assert [t["key"] for t in first] == [t["key"] for t in again]
+    assert len({t["key"] for t in first}) == 3
+    for t in first:
+        assert 0.05 <= t["params"]["learning_rate"] <= 0.2 and t["params"]["layers"] in ([32], [64])
+    with pytest.raises(ConfigError, match="n_trial"):
+        plan(search={"n_trial": 3})

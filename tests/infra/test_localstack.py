@@ -22,7 +22,6 @@ def _state(tmp_path: Path) -> localstack.StackState:
         home=str(tmp_path),
         api_port=28080,
         mlflow_port=28081,
-        s3_port_base=28100,
         s3_endpoint="http://127.0.0.1:28103",
         airflow_db="pipeline_stack_x_airflow",
         mlflow_db="pipeline_stack_x_mlflow",

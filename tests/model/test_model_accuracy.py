@@ -33,6 +33,7 @@ def _train_and_evaluate(yoochoose, tmp_path, row: dict, n_epochs: int) -> dict:
 def test_smoke_three_epochs_far_above_spop(yoochoose, tmp_path):
     m = _train_and_evaluate(yoochoose, tmp_path, RSC15, n_epochs=3)
     spop = m["baselines"]["spop"]
+    print(f"3 epochs: recall@20 {m['recall@20']:.4f} mrr@20 {m['mrr@20']:.4f}; S-POP {spop['recall@20']:.4f} {spop['mrr@20']:.4f}")
     assert m["n_predictions"] == 12455 and m["n_dropped_unknown"] == 0
     assert m["recall@20"] >= 0.57 and m["mrr@20"] >= 0.30, m
     assert m["recall@20"] >= spop["recall@20"] + 0.15 and m["mrr@20"] >= spop["mrr@20"] + 0.03, (m, spop)
@@ -42,6 +43,7 @@ def test_smoke_three_epochs_far_above_spop(yoochoose, tmp_path):
 @pytest.mark.parametrize("row", ["rsc15", "retailrocket"])
 def test_ten_epochs_match_the_reference_within_two_percent(yoochoose, tmp_path, row):
     m = _train_and_evaluate(yoochoose, tmp_path, ROWS[row], n_epochs=10)
+    print(f"{row}: recall@20 {m['recall@20']:.4f} mrr@20 {m['mrr@20']:.4f} (reference {REFERENCE[row]})")
     ref_recall, ref_mrr = REFERENCE[row]
     assert m["recall@20"] >= 0.98 * ref_recall, (row, m["recall@20"], ref_recall)
     assert m["mrr@20"] >= 0.98 * ref_mrr, (row, m["mrr@20"], ref_mrr)

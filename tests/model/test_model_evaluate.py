@@ -143,6 +143,30 @@ def test_pop_and_spop_baselines_by_hand():
     assert set(res.metrics["baselines"]) == {"pop", "spop"}
 
 
+@pytest.mark.parametrize("ties", ["conservative", "standard", "median"])
+def test_spop_matches_brute_force_over_the_whole_catalogue(ties):
+    rng = np.random.default_rng(4)
+    n_items = 12
+    counts = rng.integers(1, 5, n_items)  # many popularity ties
+    item_map = ItemMap.from_ids([f"i{k}" for k in range(n_items)], counts)
+    rows = [(f"s{s}", f"i{int(rng.integers(0, 5 if s % 2 else n_items))}", s * 100 + k)  # repeats in odd sessions
+            for s in range(40) for k in range(int(rng.integers(2, 9)))]
+    table = _events(rows)
+    res = evaluate(GRU4Rec(n_items, (4,)).eval(), item_map, read_log(table), ties=ties)
+    log = read_log(table)
+    expected = {}
+    weight = counts.max() + 1
+    for s in range(log.n_sessions):
+        items = item_map.index(log.item_ids[log.offsets[s] : log.offsets[s + 1]])
+        rows_s = log.rows[log.offsets[s] : log.offsets[s + 1]]
+        for k in range(1, len(items)):
+            scores = np.bincount(items[:k], minlength=n_items) * weight + counts  # every item scored
+            target = scores[items[k]]
+            gt, ge = (scores > target).sum(), (scores >= target).sum()
+            expected[int(rows_s[k])] = {"standard": gt + 1, "conservative": ge, "median": (gt + 1 + ge) / 2}[ties]
+    np.testing.assert_array_equal(res.baseline_ranks["spop"], [expected[r] for r in res.target_rows])
+
+
 def test_metrics_formulas():
     ranks = np.array([1, 2, 5, 21, 20.5])
     m = metrics_from_ranks(ranks, (1, 5, 20))

@@ -209,3 +209,16 @@ def test_threads_setting_is_restored(synth, tmp_path):
     before = torch.get_num_threads()
     train(synth["train"], tiny_config(n_epochs=1), tmp_path / "m", device="cpu", threads=1)
     assert torch.get_num_threads() == before
+
+
+def test_logq_uses_popularity_for_targets_and_popularity_to_the_alpha_for_samples(synth):
+    import numpy as np
+
+    model, trainer, _, _ = _setup(synth["train"], sample_alpha=0.3, logq=1.0)
+    log = read_log(synth["train"])
+    counts = build_item_map(log).counts
+    np.testing.assert_allclose(trainer.log_q_targets.numpy(), np.log(counts), rtol=1e-6)
+    np.testing.assert_allclose(trainer.log_q_samples.numpy(), 0.3 * np.log(counts), rtol=1e-6)
+    assert trainer.use_log_q
+    _, bpr, _, _ = _setup(synth["train"], loss="bpr-max", logq=1.0)
+    assert not bpr.use_log_q  # logQ belongs to the sampled softmax only
