@@ -405,10 +405,12 @@ def check_guards(run: Run, metric: Metric, require_validation: bool) -> str | No
 
 def candidate_runs(cfg: PipelineConfig, parent_run_id: str | None = None) -> list[str]:
     """Finished training runs under ``parent_run_id``, or else the newest finished training run."""
+    from mlflow import MlflowClient
+
     from pipeline import tracking
 
     experiment_id = tracking.configure(cfg.tracking)
-    client = _client(cfg)
+    client = MlflowClient()
     query = f"tags.`{TAG_KIND}` = 'training' and attributes.status = 'FINISHED'"
     if parent_run_id:
         query += f" and tags.`mlflow.parentRunId` = {quote(parent_run_id)}"

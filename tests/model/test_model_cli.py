@@ -40,20 +40,28 @@ def test_train_then_evaluate_end_to_end(synth, tmp_path, capsys):
     assert set(result["baselines"]["spop"]) >= {"recall@20", "mrr@20", "n_predictions", "n_dropped_unknown"}
 
 
-def test_errors_are_messages_not_tracebacks(synth, tmp_path):
+def test_errors_are_messages_not_tracebacks(synth, tmp_path, capsys):
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+        code = main(list(args))  # PipelineErrors become a message and an exit code; anything else would raise
+        return code, capsys.readouterr().err
 
-    bad_param = run("train", "--train", str(synth["train"]), "--out", str(tmp_path / "m"), "--set", "learnin_rate=0.1")
-    assert bad_param.returncode == 2 and "unknown setting(s) gru4rec.learnin_rate" in bad_param.stderr
-    assert "Traceback" not in bad_param.stderr
-    bad_value = run("train", "--train", str(synth["train"]), "--out", str(tmp_path / "m"), "--set", "dropout_p_hidden=1.5")
-    assert bad_value.returncode == 2 and "dropout_p_hidden is a drop probability" in bad_value.stderr
-    missing = run("evaluate", "--model", str(tmp_path / "nothing"), "--test", str(synth["test"]))
-    assert missing.returncode == 2 and "not a trained model directory" in missing.stderr
-    no_gpu = run("train", "--train", str(synth["train"]), "--out", str(tmp_path / "m"), "--device", "cuda:7", *TINY)
+    code, err = run("train", "--train", str(synth["train"]), "--out", str(tmp_path / "m"), "--set", "learnin_rate=0.1")
+    assert code == 2 and "unknown setting(s) gru4rec.learnin_rate" in err
+    code, err = run("train", "--train", str(synth["train"]), "--out", str(tmp_path / "m"), "--set", "dropout_p_hidden=1.5")
+    assert code == 2 and "dropout_p_hidden is a drop probability" in err
+    code, err = run("train", "--train", str(tmp_path / "nope.tsv"), "--out", str(tmp_path / "m"))
+    assert code == 2 and "input not found" in err and "nope.tsv" in err
+    code, err = run("evaluate", "--model", str(tmp_path / "nothing"), "--test", str(synth["test"]))
+    assert code == 2 and "not a trained model directory" in err
     if not torch.cuda.is_available():
-        assert no_gpu.returncode == 2 and "CUDA" in no_gpu.stderr and "Traceback" not in no_gpu.stderr
+        code, err = run("train", "--train", str(synth["train"]), "--out", str(tmp_path / "m"), "--device", "cuda:7", *TINY)
+        assert code == 2 and "no usable CUDA GPU" in err
+
+
+def test_module_entry_point_prints_errors_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", "--model", str(tmp_path), "--test", "x.tsv"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "not a trained model directory" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_tune_cli_runs_a_bounded_search(synth, tmp_path):

@@ -37,10 +37,11 @@ def _setup(path, **cfg):
     return model, Trainer(model, config, item_map.counts, CPU), sched, data
 
 
-def test_hidden_state_is_reset_exactly_for_rows_whose_session_starts(synth):
+def test_hidden_state_is_reset_exactly_for_rows_whose_session_starts(tmp_path):
     """With no updates (lr 0), the state every row receives must equal running its own session alone
     from a zero state: resetting the wrong rows, or not resetting, breaks the equality."""
-    model, trainer, sched, data = _setup(synth["train"], batch_size=5, learning_rate=0.0, momentum=0.0, layers=(8, 6))
+    path = write_tsv(synthetic_table(60, seed=4), tmp_path / "t.tsv")
+    model, trainer, sched, data = _setup(path, batch_size=5, learning_rate=0.0, momentum=0.0, layers=(8, 6))
     seen = []
     trainer.run_epoch(_DeviceSchedule.of(sched, CPU), 0, step_hook=lambda t, x, h: seen.append([v.clone() for v in h]))
     assert len(seen) == sched.n_steps
