@@ -101,6 +101,8 @@ SERVICES: tuple[Service, ...] = (
     ),
 )
 SERVICE_NAMES = tuple(s.name for s in SERVICES)
+# Services whose health is their job heartbeat, as the API server's /api/v2/monitor/health names them.
+HEARTBEAT_JOBS = {"airflow-scheduler": "scheduler", "airflow-dag-processor": "dag_processor", "airflow-triggerer": "triggerer"}
 INIT_ARGV = ("python", "-m", "pipeline.localstack", "init")  # the compose `airflow-init` command too
 
 # Policy: identical in every deployment (compose and Helm values set the same names to the same values).
@@ -495,14 +497,13 @@ def wait_ready(
     def left() -> float:
         return max(5.0, deadline - time.monotonic())
 
-    heartbeat = {"airflow-scheduler": "scheduler", "airflow-dag-processor": "dag_processor", "airflow-triggerer": "triggerer"}
     for name in names:
         if name == "mlflow":
             _wait(state, name, lambda: _http_ok(f"{state.mlflow_url}/health"), left())
         elif name == "airflow-api-server":
             _wait(state, name, lambda: _http_ok(f"{state.api_url}/api/v2/monitor/health"), left())
-        elif name in heartbeat:
-            component = heartbeat[name]
+        elif name in HEARTBEAT_JOBS:
+            component = HEARTBEAT_JOBS[name]
             _wait(state, name, lambda c=component: airflow_health(state).get(c) == "healthy", left())
         else:
             _wait(state, name, lambda n=name: _worker_ready(state, n, offsets.get(n, 0)), left())
@@ -722,13 +723,14 @@ def status(home: str | Path | None = None) -> dict[str, dict[str, Any]]:
     """Service -> {pid, alive, health} (health from the API server for the Airflow jobs)."""
     state = StackState.load(home or default_home())
     health = airflow_health(state)
-    jobs = {"airflow-scheduler": "scheduler", "airflow-dag-processor": "dag_processor", "airflow-triggerer": "triggerer"}
-    out: dict[str, dict[str, Any]] = {"seaweedfs": {"pid": state.s3_pid, "alive": _alive(state.s3_pid), "url": state.s3_endpoint}}
+    out: dict[str, dict[str, Any]] = {
+        "seaweedfs": {"pid": state.s3_pid, "alive": _alive(state.s3_pid), "url": state.s3_endpoint}
+    }
     for name in SERVICE_NAMES:
         pid = state.pids.get(name, 0)
         entry: dict[str, Any] = {"pid": pid, "alive": bool(pid) and _alive(pid)}
-        if name in jobs:
-            entry["health"] = health.get(jobs[name], "unknown")
+        if name in HEARTBEAT_JOBS:
+            entry["health"] = health.get(HEARTBEAT_JOBS[name], "unknown")
         elif name == "airflow-api-server":
             entry["url"] = state.api_url
             entry["health"] = health.get("metadatabase", "unreachable")
@@ -797,7 +799,9 @@ class AirflowAPI:
         detail = "; ".join(f"{e['filename']}: {e['stack_trace'][-300:]}" for e in errors) or "no import errors recorded"
         raise StackError(f"DAG {dag_id} not parsed within {timeout:.0f}s ({detail})")
 
-    def trigger(self, dag_id: str, logical_date: str | None, conf: Mapping[str, Any] | None = None, run_id: str | None = None) -> dict:
+    def trigger(
+        self, dag_id: str, logical_date: str | None, conf: Mapping[str, Any] | None = None, run_id: str | None = None
+    ) -> dict:
         """Unpause ``dag_id`` and trigger a run for ``logical_date`` (ISO 8601 with a zone)."""
         self.patch(f"/dags/{dag_id}", {"is_paused": False})
         body: dict[str, Any] = {"logical_date": logical_date, "conf": dict(conf or {})}
@@ -817,7 +821,9 @@ class AirflowAPI:
         if run.get("state") != "success":
             tis = self.task_instances(dag_id, run_id)
             summary = ", ".join(f"{t['task_id']}[{t['map_index']}]={t['state']}" for t in tis)
-            raise StackError(f"run {run_id} of {dag_id} ended as {run.get('state')!r} after waiting up to {timeout:.0f}s: {summary}")
+            raise StackError(
+                f"run {run_id} of {dag_id} ended as {run.get('state')!r} after waiting up to {timeout:.0f}s: {summary}"
+            )
         return run
 
     def task_instances(self, dag_id: str, run_id: str) -> list[dict]:

@@ -333,7 +333,7 @@ def build_dataset(
     check_config(build)
     storage.check_disjoint(inputs, out_dir)
     resolved = _resolve_inputs(inputs)
-    events = ingest_mod.read_events(resolved, ingest, columns=[SESSION_ID, ITEM_ID, TIMESTAMP], dictionary_ids=True)
+    events = ingest_mod.read_events(resolved, ingest, columns=[SESSION_ID, ITEM_ID, TIMESTAMP], dictionary_items=True)
     log.info("building from %d events", events.num_rows)
     splits = build_splits(events, build)
     del events
