@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 # Tags and artifact paths other modules (registry, DAG tasks) rely on.
 TAG_RUN_KEY = "pipeline.run_key"
+TAG_RESUMED = "pipeline.resumed"  # set on a run continued after its worker died
 TAG_KIND = "pipeline.kind"  # training | parent | promotion
 TAG_MODEL_URI = "pipeline.model_uri"  # the run's logged pyfunc model (models:/m-...)
 TAG_DATA_URI = "data.uri"
@@ -263,11 +264,17 @@ def track_training(
 
     experiment_id = configure(cfg.tracking)
     client = mlflow.MlflowClient()
+    resume_run_id: str | None = None
     if run_key:
-        existing = find_run(client, experiment_id, run_key, kind="training")
-        if existing is not None:
+        existing = find_run(client, experiment_id, run_key, kind="training", finished_only=False)
+        if existing is not None and existing.info.status == "FINISHED":
             log.info("run key %s already has finished run %s: reusing it", run_key, existing.info.run_id)
             return _tracked(existing, reused=True)
+        if existing is not None:
+            # A worker died (or the task failed) mid-run: continue that run instead of adding a duplicate;
+            # training itself resumes from the checkpoint in work_dir when one survived.
+            resume_run_id = existing.info.run_id
+            log.info("run key %s has unfinished run %s (%s): resuming it", run_key, resume_run_id, existing.info.status)
 
     from pipeline import sessions
 
@@ -287,15 +294,21 @@ def track_training(
 
     with tempfile.TemporaryDirectory(prefix="track-") as tmp:
         out_dir = Path(work_dir) if work_dir else Path(tmp) / "model"
-        with mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=run_name or (f"train-{run_key}" if run_key else None),
-            parent_run_id=parent_run_id,
-            nested=parent_run_id is not None,
-            tags=tags,
-            log_system_metrics=cfg.tracking.system_metrics,
-        ) as run:
+        if resume_run_id is not None:
+            started = mlflow.start_run(run_id=resume_run_id, log_system_metrics=cfg.tracking.system_metrics)
+        else:
+            started = mlflow.start_run(
+                experiment_id=experiment_id,
+                run_name=run_name or (f"train-{run_key}" if run_key else None),
+                parent_run_id=parent_run_id,
+                nested=parent_run_id is not None,
+                tags=tags,
+                log_system_metrics=cfg.tracking.system_metrics,
+            )
+        with started as run:
             run_id = run.info.run_id
+            if resume_run_id is not None:
+                mlflow.set_tags(tags | {TAG_RESUMED: "true"})
             log.info("MLflow run %s in experiment %s (%s)", run_id, cfg.tracking.experiment, tracking_uri())
             _log_config(cfg, manifest)
             splits = {name: sessions.read_split(dataset_uri, name) for name in ("train", "valid", "test")}

@@ -151,6 +151,23 @@ def test_same_run_key_reuses_the_finished_run(tracked: SimpleNamespace, mlflow_d
     assert tracking.start_parent_run(tracked.cfg, "2024-01-04") == tracked.parent
 
 
+def test_unfinished_run_with_the_same_key_is_continued_not_duplicated(tracked: SimpleNamespace, mlflow_datasets) -> None:
+    """A worker killed mid-training leaves its run RUNNING; the retry must finish that run, not add a second."""
+    key = "2024-01-04/t-killed"
+    experiment_id = tracked.run.info.experiment_id
+    orphan = tracked.client.create_run(
+        experiment_id, tags={tracking.TAG_RUN_KEY: key, tracking.TAG_KIND: "training"}, run_name="train-killed"
+    )
+    assert tracked.client.get_run(orphan.info.run_id).info.status == "RUNNING"
+    retried = tracking.track_training(mlflow_datasets.a, tracked.cfg, run_key=key, parent_run_id=tracked.parent)
+    assert retried.run_id == orphan.info.run_id and not retried.reused
+    run = tracked.client.get_run(retried.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.TAG_RESUMED] == "true"
+    assert "mrr_at_20" in run.data.metrics
+    assert len(tracked.client.search_runs([experiment_id], f"tags.`pipeline.run_key` = '{key}'")) == 1
+
+
 def test_cli_track_prints_the_run_and_errors_cleanly(
     module_store: str, mlflow_datasets, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
