@@ -100,17 +100,34 @@ def _encode(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
     return codes, dictionary
 
 
-def _session_order(codes: np.ndarray, ts: np.ndarray, id_rank: np.ndarray, n_sessions: int) -> np.ndarray:
+def _by_start_then_id(starts: np.ndarray, codes: np.ndarray, s_dict: pa.Array) -> np.ndarray:
+    """The permutation ordering sessions by (start, session id). Ids (strings) are compared only where
+    starts tie, which is rare: sorting every id would cost more than the rest of the ordering."""
+    order = np.argsort(starts, kind="stable")
+    s = starts[order]
+    tie = np.zeros(len(s), dtype=bool)
+    same = s[1:] == s[:-1]
+    tie[1:] |= same
+    tie[:-1] |= same
+    if not tie.any():
+        return order
+    tied = order[tie]
+    rank = np.zeros(len(starts), dtype=np.int64)
+    rank[tied[pc.sort_indices(s_dict.take(pa.array(codes[tied]))).to_numpy()]] = np.arange(len(tied))
+    return np.lexsort((rank, starts))
+
+
+def _session_order(codes: np.ndarray, ts: np.ndarray, s_dict: pa.Array) -> np.ndarray:
     """Row permutation into (session start, session id, event time) order; ties keep their input order."""
-    start = np.full(n_sessions, np.iinfo(np.int64).max, dtype=np.int64)
+    start = np.full(len(s_dict), np.iinfo(np.int64).max, dtype=np.int64)
     np.minimum.at(start, codes, ts)
-    by_session = np.lexsort((id_rank, start))
-    rank = np.empty(n_sessions, dtype=np.int64)
-    rank[by_session] = np.arange(n_sessions)
+    present = np.flatnonzero(start < np.iinfo(np.int64).max)
+    rank = np.empty(len(s_dict), dtype=np.int64)
+    rank[present[_by_start_then_id(start[present], present, s_dict)]] = np.arange(len(present))
     return np.lexsort((ts, rank[codes]))  # lexsort is stable: equal times keep input order
 
 
-def _reorder_blocks(codes: np.ndarray, ts: np.ndarray, id_rank: np.ndarray) -> np.ndarray | None:
+def _reorder_blocks(codes: np.ndarray, ts: np.ndarray, s_dict: pa.Array) -> np.ndarray | None:
     """For rows already grouped by session and time-ordered within each, the permutation that puts the
     sessions back in (start, id) order; None when they already are. O(rows) plus a sort of the sessions.
     """
@@ -119,11 +136,10 @@ def _reorder_blocks(codes: np.ndarray, ts: np.ndarray, id_rank: np.ndarray) -> n
     first = np.ones(len(codes), dtype=bool)
     first[1:] = codes[1:] != codes[:-1]
     block_start = np.flatnonzero(first)
-    starts, ranks = ts[block_start], id_rank[codes[block_start]]
-    if bool(((starts[1:] > starts[:-1]) | ((starts[1:] == starts[:-1]) & (ranks[1:] > ranks[:-1]))).all()):
+    order = _by_start_then_id(ts[block_start], codes[block_start], s_dict)
+    if bool((order == np.arange(len(order))).all()):
         return None
     lengths = np.diff(np.append(block_start, len(codes)))
-    order = np.lexsort((ranks, starts))
     new_start = np.repeat(block_start[order], lengths[order])
     offset = np.arange(len(codes)) - np.repeat(np.cumsum(lengths[order]) - lengths[order], lengths[order])
     return new_start + offset
@@ -159,12 +175,10 @@ def build_splits(events: pa.Table, build: BuildConfig | None = None) -> Splits:
     i_codes, i_dict = _encode(events.column(ITEM_ID))
     ts = events.column(TIMESTAMP).cast(TIMESTAMP_TYPE).cast(pa.int64()).to_numpy()
     n_sessions, n_items = len(s_dict), len(i_dict)
-    id_rank = np.empty(n_sessions, dtype=np.int64)
-    id_rank[pc.sort_indices(s_dict).to_numpy()] = np.arange(n_sessions)
     stats: dict[str, Any] = {"input": _summary(s_codes, i_codes)}
 
     # 1. GRU4Rec order.
-    order = _session_order(s_codes, ts, id_rank, n_sessions)
+    order = _session_order(s_codes, ts, s_dict)
     s_codes, i_codes, ts = s_codes[order], i_codes[order], ts[order]
     del order
 
@@ -249,7 +263,7 @@ def build_splits(events: pa.Table, build: BuildConfig | None = None) -> Splits:
     for split, mask in masks.items():
         rows = np.flatnonzero(mask)
         s, i, t = s_codes[rows], i_codes[rows], ts[rows]
-        resort = _reorder_blocks(s, t, id_rank)
+        resort = _reorder_blocks(s, t, s_dict)
         if resort is not None:
             # Filtering moved some session starts: restore (session start, session id, time) order.
             s, i, t = s[resort], i[resort], t[resort]
