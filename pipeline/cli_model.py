@@ -65,8 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML or JSON mapping GRU4Rec parameter names to values (layers: a list)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
-        help="override one parameter, e.g. --set layers=[100] --set loss=bpr-max (repeatable)",
+        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="NAME=VALUE",
+        help="override parameters, e.g. --set layers=[100] loss=bpr-max (repeatable; gru4rec.NAME works too)",
     )
 
 

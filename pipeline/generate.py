@@ -140,15 +140,14 @@ def _corrupt(
     last_row[s_codes] = rows  # later rows overwrite earlier ones
     first_row = np.full(len(last_row), n)
     np.minimum.at(first_row, s_codes, rows)
-    sessions = rng.permutation(len(last_row))
+    sessions = np.arange(len(last_row))  # not yet corrupted: each kind takes its rows from other sessions
     injected: dict[str, int] = {}
     chosen: dict[str, np.ndarray] = {}
-    taken = 0
     for kind in ROW_KINDS:
         k = int(round(corruption.get(kind, 0.0) * n))
         if k <= 0:
             continue
-        pool = sessions[taken:]
+        pool = sessions
         if kind == "out_of_order":
             pool = pool[last_row[pool] > first_row[pool]]
         picked = _pick_sessions(rng, pool, k, kind, day)

@@ -27,6 +27,7 @@ import logging
 import math
 import multiprocessing
 import os
+import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -64,6 +65,9 @@ RESULT_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": 10}
 MAX_WORKERS = 4
 AUTO_PARALLEL_BYTES = 64 << 20  # below this much input, helper processes cost more than they save
 WORK_IN_PARENT = True  # the calling process validates batches too (tests turn it off to exercise the helpers)
+# Helpers are forked on Linux once GX is imported here, so they start at once with GX ready (Arrow, NumPy and
+# logging re-initialize their threads and locks after a fork); elsewhere they are spawned and import it.
+START_METHOD = os.environ.get("PIPELINE_VALIDATE_START_METHOD") or ("fork" if sys.platform == "linux" else "spawn")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,10 +449,10 @@ def _worker_init() -> None:
     gx_context()
 
 
-def _can_spawn() -> bool:
+def _can_start_helpers() -> bool:
     """Spawned workers re-import the main module: that needs one (not an interactive or ``-c`` session)."""
-    import sys
-
+    if START_METHOD == "fork":
+        return True
     main = sys.modules.get("__main__")
     if getattr(main, "__spec__", None) is not None:
         return True
@@ -466,14 +470,15 @@ def _workers(validation: ValidationConfig, batches: Sequence[ingest_mod.Batch]) 
     else:
         wanted = min(os.cpu_count() or 1, MAX_WORKERS)
     workers = max(1, min(wanted, len(batches)))
-    return workers if workers == 1 or _can_spawn() else 1
+    return workers if workers == 1 or _can_start_helpers() else 1
 
 
 def _start_helpers(workers: int, n_batches: int) -> ProcessPoolExecutor | None:
-    """Helper processes for ``workers > 1`` (started first: they take seconds to import GX)."""
+    """Helper processes for ``workers > 1``, asked to start at once (spawned ones take seconds to import GX)."""
     if workers <= 1 or n_batches <= 2:
         return None
-    pool = ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init)
+    context = multiprocessing.get_context(START_METHOD)
+    pool = ProcessPoolExecutor(workers - 1, mp_context=context, initializer=_worker_init)
     for _ in range(workers - 1):
         pool.submit(int)  # processes start on demand: ask now, so they boot while this one does too
     return pool
@@ -544,7 +549,7 @@ def validate(
         raise InputError("nothing to validate: no input files given")
     now = dt.datetime.now(dt.UTC)
     workers = _workers(validation, batches)
-    pool = _start_helpers(workers, len(batches))
+    pool = _start_helpers(workers, len(batches)) if START_METHOD != "fork" else None  # spawned: boot alongside
     try:
         gx_context()
     except BaseException:
@@ -552,6 +557,8 @@ def validate(
             pool.shutdown(wait=False, cancel_futures=True)
         raise
     _clear_results()
+    if START_METHOD == "fork":
+        pool = _start_helpers(workers, len(batches))  # forked: after GX is imported, so they inherit it
     outcomes: list[BatchOutcome] = []
     with storage.staged_dir(out_dir, REPORT) as tmp, tempfile.TemporaryDirectory(prefix="gx-docs-") as docs_dir:
         tasks = [BatchTask(i, b, ingest_config, validation, now, tmp) for i, b in enumerate(batches)]

@@ -20,7 +20,7 @@ def test_train_then_evaluate_end_to_end(synth, tmp_path, capsys):
     config.write_text("loss: cross-entropy\nlayers: [32]\nbatch_size: 8\nn_sample: 16\nmomentum: 0.1\nn_epochs: 1\n")
     out = tmp_path / "model"
     rc = main(["train", "--train", str(synth["train"]), "--valid", str(synth["test"]), "--config", str(config),
-               "--set", "n_epochs=2", "--set", "dropout_p_hidden=0.1", "--out", str(out), "--device", "auto"])
+               "--set", "n_epochs=2", "gru4rec.dropout_p_hidden=0.1", "--out", str(out), "--device", "auto"])
     assert rc == 0
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["config"]["layers"] == [32] and ckpt["config"]["n_epochs"] == 2  # --set wins over the file
