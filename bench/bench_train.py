@@ -112,7 +112,6 @@ def profile_steps(row: str, steps: int, threads: int) -> str:
     from pipeline.train import Trainer, _DeviceSchedule, build_schedule
 
     torch.set_num_threads(threads)
-    torch.set_flush_denormal(True)
     config = GRU4RecConfig(**ROWS[row])
     log = read_log(DATA / "train_tr.tsv")
     imap = build_item_map(log)

@@ -103,9 +103,10 @@ class GRU4RecConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
+    """Full-ranking evaluation (pipeline.evaluate); memory is bounded by ranking sessions in chunks."""
+
     cutoffs: tuple[int, ...] = (1, 5, 10, 20)
     ties: str = "conservative"  # conservative | standard | median
-    batch_size: int = 512
 
 
 @dataclass(frozen=True)

@@ -46,8 +46,8 @@ class ClickLog:
     """Click events in GRU4Rec order: sessions by (start time, session id), events by time within a session.
 
     ``rows`` is each event's row index in the table as read, so predictions can be traced back (and two
-    models paired) whatever the sort. ``catalogue``/``catalogue_counts`` come with a session dataset's train
-    split (its ``items`` table); otherwise the item map is built from the events themselves.
+    models paired) whatever the sort. ``catalogue`` (item ids by item index) comes with a session dataset's
+    train split (its ``items`` table); otherwise the item map is built from the events themselves.
     """
 
     source: str

@@ -28,6 +28,7 @@ import posixpath
 import re
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -89,6 +90,7 @@ DIGINETICA_COLUMNS = {
 RSC15_LINE = re.compile(r"^[^,]+,\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:?\d{2})?,[^,]+")
 PARTITION_DIR = re.compile(r"(?:^|/)dt=(\d{4}-\d{2}-\d{2})(?=/)")
 SNIFF_BYTES = 1 << 16
+READ_THREADS = 4
 _MAX_SECONDS = 9.0e12  # beyond this a unix-seconds value overflows int64 microseconds
 
 
@@ -806,10 +808,15 @@ def read_events(
     check_config(config)
     files = storage.expand(inputs)
     tables, sessionize_needed = [], False
-    for uri in progress(files, "reading"):
-        result = read_file(uri, config, strict=True, columns=columns, dictionary_items=dictionary_items)
-        tables.append(result.table)
-        sessionize_needed |= result.needs_sessions
+
+    def one(uri: str) -> FileRead:
+        return read_file(uri, config, strict=True, columns=columns, dictionary_items=dictionary_items)
+
+    # A few files at a time: decoding releases the GIL, and one file rarely keeps every core busy.
+    with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(files)))) as pool:
+        for result in progress(pool.map(one, files), "reading", total=len(files)):
+            tables.append(result.table)
+            sessionize_needed |= result.needs_sessions
     table = pa.concat_tables(tables) if tables else EVENT_SCHEMA.empty_table()
     if sessionize_needed:
         table = sessionize(decode_ids(table), config.session_gap_minutes)

@@ -15,7 +15,6 @@ uninterrupted run (bit-identical on CPU).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import Tensor
 
@@ -297,7 +297,7 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _same_run(saved: dict[str, Any], config: GRU4RecConfig) -> list[str]:
+def _changed_settings(saved: dict[str, Any], config: GRU4RecConfig) -> list[str]:
     """Settings that differ between a checkpoint and this run (n_epochs may grow: training continues)."""
     now = to_dict(config)
     return sorted(k for k in now if k != "n_epochs" and saved.get(k) != now[k])
@@ -334,10 +334,10 @@ def set_threads(threads: int, device: torch.device) -> int:
 
 
 def train(
-    train: str | Path | ClickLog,
+    train: str | Path | ClickLog | pa.Table,
     config: GRU4RecConfig,
     out_dir: str | Path,
-    valid: str | Path | ClickLog | None = None,
+    valid: str | Path | ClickLog | pa.Table | None = None,
     device: str = "auto",
     on_epoch_end: EpochCallback | None = None,
     *,
@@ -361,19 +361,16 @@ def train(
 
 
 def _train(
-    train: str | Path | ClickLog,
+    train: str | Path | ClickLog | pa.Table,
     config: GRU4RecConfig,
     out: Path,
-    valid: str | Path | ClickLog | None,
+    valid: str | Path | ClickLog | pa.Table | None,
     dev: torch.device,
     on_epoch_end: EpochCallback | None,
     resume: bool,
     n_threads: int,
     valid_cutoffs: tuple[int, ...],
 ) -> TrainResult:
-    # Adagrad accumulators of rarely seen rows and tiny gradients produce denormal floats, which x86 CPUs
-    # process up to 100x slower (a whole epoch took 15x longer here); flushing them to zero costs nothing.
-    torch.set_flush_denormal(True)
     out.mkdir(parents=True, exist_ok=True)
     train_log = read_log(train, split="train")
     valid_log = read_log(valid, split="valid") if valid is not None else None
@@ -480,7 +477,7 @@ def _resume(
     path: Path, config: GRU4RecConfig, fingerprint: str, model: GRU4Rec, optimizer: AdagradM
 ) -> tuple[int, dict[str, list]]:
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    differ = _same_run(ckpt.get("config", {}), config)
+    differ = _changed_settings(ckpt.get("config", {}), config)
     if differ:
         raise TrainingError(
             f"{path} was trained with other settings ({', '.join(differ)}); "
@@ -523,7 +520,3 @@ class _Progress:
         if self.bar is not None:
             self.bar.close()
 
-
-def config_with(config: GRU4RecConfig, **changes: Any) -> GRU4RecConfig:
-    """A copy of ``config`` with some parameters changed (validated like any config)."""
-    return dataclasses.replace(config, **changes)

@@ -65,8 +65,8 @@ RESULT_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": 10}
 MAX_WORKERS = 4
 AUTO_PARALLEL_BYTES = 64 << 20  # below this much input, helper processes cost more than they save
 WORK_IN_PARENT = True  # the calling process validates batches too (tests turn it off to exercise the helpers)
-# Helpers are forked on Linux once GX is imported here, so they start at once with GX ready (Arrow, NumPy and
-# logging re-initialize their threads and locks after a fork); elsewhere they are spawned and import it.
+# Helpers are forked on Linux (Arrow, NumPy and logging re-initialize their threads and locks after a fork):
+# no main-module re-import. Either way they start before this process imports GX, and import it alongside.
 START_METHOD = os.environ.get("PIPELINE_VALIDATE_START_METHOD") or ("fork" if sys.platform == "linux" else "spawn")
 
 
@@ -549,7 +549,7 @@ def validate(
         raise InputError("nothing to validate: no input files given")
     now = dt.datetime.now(dt.UTC)
     workers = _workers(validation, batches)
-    pool = _start_helpers(workers, len(batches)) if START_METHOD != "fork" else None  # spawned: boot alongside
+    pool = _start_helpers(workers, len(batches))  # first: GX imports here and in the helpers at the same time
     try:
         gx_context()
     except BaseException:
@@ -557,8 +557,6 @@ def validate(
             pool.shutdown(wait=False, cancel_futures=True)
         raise
     _clear_results()
-    if START_METHOD == "fork":
-        pool = _start_helpers(workers, len(batches))  # forked: after GX is imported, so they inherit it
     outcomes: list[BatchOutcome] = []
     with storage.staged_dir(out_dir, REPORT) as tmp, tempfile.TemporaryDirectory(prefix="gx-docs-") as docs_dir:
         tasks = [BatchTask(i, b, ingest_config, validation, now, tmp) for i, b in enumerate(batches)]

@@ -100,7 +100,8 @@ def test_a_step_scores_only_targets_and_samples_never_the_catalogue(loss):
     trainer.sampler.reset(rows=4)
     trainer.sampler.draw()  # the buffer of pre-drawn samples is filled outside the step
     with _OutputShapes() as probe:
-        trainer._step(x, y, hidden)
+        _, new_hidden = trainer._step(x, y, hidden)
+    assert all(h.grad_fn is None and not h.requires_grad for h in new_hidden)  # no backprop across steps
     sizes = [(name, shape) for name, shape in probe.outputs if torch.Size(shape).numel() >= batch * n_items]
     assert not sizes, f"catalogue-sized intermediate results: {sizes}"
     assert any(shape == (batch, batch + n_sample) for _, shape in probe.outputs)  # targets + shared samples
@@ -194,6 +195,7 @@ def test_killed_training_process_resumes_to_the_identical_model(tmp_path):
     resumed = train(data, cfg, tmp_path / "killed", device="cpu")
     assert resumed.resumed_from_epoch == done
     full = train(data, cfg, tmp_path / "full", device="cpu")
+    assert resumed.epoch_loss == full.epoch_loss
     a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["state_dict"]
     b = torch.load(ckpt, weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
