@@ -1,21 +1,25 @@
 """Benchmark: validate + build (this pipeline) vs a straightforward pandas implementation of the same work.
 
-    .venv/bin/python bench/bench_preprocess.py                     # 10M events (the issue's size)
-    .venv/bin/python bench/bench_preprocess.py --events 1000000    # a quick run
+    .venv/bin/python bench/bench_preprocess.py --repeat 3 --memory-scaling       # 10M events, CSV logs
+    .venv/bin/python bench/bench_preprocess.py --repeat 3 --format parquet       # 10M events, Parquet logs
+    .venv/bin/python bench/bench_preprocess.py --events 1000000                  # a quick run
 
-1. Generates a click log (daily Parquet partitions, a little injected corruption) once per size/seed; not timed.
+1. Generates a click log once per size/seed/format (``pipeline.generate``: 10 daily partitions, a little
+   injected corruption of every kind); not timed. ``--format csv`` (default) are raw text logs as the public
+   GRU4Rec preprocessing scripts read them; ``--format parquet`` the same events as Parquet.
 2. Runs each variant in its own child process, side by side in one run: ``pipeline`` (``python -m pipeline
    validate``, then ``python -m pipeline build`` on its output: two processes, as the DAG runs them; validate
    starts helper processes on a big input) and ``pandas`` (the per-partition rules and the GRU4Rec-style
-   preprocessing written the way the public GRU4Rec preprocessing scripts are: whole frames, groupby,
-   ``isin``, ``sort_values``). The pandas variant does the same rules (nulls, time window, exact duplicates,
-   per-session order, bot-like sessions, quarantine share) so the outputs can be compared.
+   preprocessing written the way the public GRU4Rec preprocessing scripts are: ``pd.read_csv``, whole frames,
+   groupby, ``isin``, ``sort_values``). The pandas variant applies the same rules (nulls, time window, exact
+   duplicates, per-session order, bot-like sessions, quarantine share) so the outputs can be compared.
+   With ``--repeat N`` the variants alternate N times and each keeps its fastest run (a shared machine).
 3. Checks that both wrote the same train / valid / test / items rows (same order, same item index).
-4. Reports wall time (whole child process, imports included), events per second and peak memory: the polled
-   RSS of the variant's whole process tree (the ratio uses this), the child's own ``ru_maxrss``, and for the
-   pipeline each phase's peak.
+4. Reports wall time (whole child process, imports included), CPU time, events per second and peak memory:
+   the polled RSS of the variant's whole process tree (the ratio uses this), the largest single process's
+   ``ru_maxrss``, and for the pipeline each phase's time and peak.
 5. ``--memory-scaling``: peak RSS of ``validate`` on the first 2, 5 and all partitions (bounded memory: it
-   should not grow with the number of partitions).
+   does not grow with the number of partitions).
 """
 
 from __future__ import annotations
@@ -88,6 +92,18 @@ def run_pipeline(inputs: list[str], out: Path) -> dict:
 # Variant 2: pandas, the straightforward way
 
 
+def _read_pandas(path: Path):
+    """One partition file, the way the public preprocessing scripts read logs (``pd.read_csv`` for text)."""
+    import pandas as pd
+
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    ids = {c: str for c in ("session_id", "item_id", "user_id", "event_type")}
+    df = pd.read_csv(path, dtype=ids, keep_default_na=False, na_values=[""])
+    df["timestamp"] = pd.to_datetime(df.timestamp, utc=True, format="ISO8601")
+    return df
+
+
 def run_pandas(inputs: list[str], out: Path) -> dict:
     import numpy as np
     import pandas as pd
@@ -95,8 +111,8 @@ def run_pandas(inputs: list[str], out: Path) -> dict:
     floor = pd.Timestamp(FLOOR)
     clean, rows_in = [], 0
     for part in sorted(inputs):
-        files = sorted(Path(part).glob("*.parquet"))
-        df = pd.concat([pd.read_parquet(f) for f in files], ignore_index=True)
+        files = sorted(f for f in Path(part).iterdir() if not f.name.startswith(("_", ".")))
+        df = pd.concat([_read_pandas(f) for f in files], ignore_index=True)
         rows_in += len(df)
         day = pd.Timestamp(Path(part).name.removeprefix("dt="), tz="UTC")
         end = day + pd.Timedelta(days=1)
@@ -229,6 +245,10 @@ def main() -> int:
     parser.add_argument("--days", type=int, default=10)
     parser.add_argument("--items", type=int, default=50_000)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--format", choices=("csv", "parquet"), default="csv",
+        help="log file format: csv (raw text logs, as the public preprocessing scripts read them) or parquet",
+    )  # fmt: skip
     parser.add_argument("--workdir", default=str(REPO / ".local" / "bench"))
     parser.add_argument("--variants", default="pandas,pipeline")
     parser.add_argument("--json", help="also write the results to this file")
@@ -246,14 +266,14 @@ def main() -> int:
     from pipeline.generate import generate_clicks
 
     work = Path(args.workdir)
-    data = work / f"clicks-{args.events}-{args.days}d-seed{args.seed}"
+    data = work / f"clicks-{args.events}-{args.days}d-seed{args.seed}-{args.format}"
     sessions_per_day = max(1, round(args.events / args.days / 5.0))  # ~5 events per session
     if not (data / "_generated.json").exists():
         print(f"generating ~{args.events:,} events in {data} ...", flush=True)
         shutil.rmtree(data, ignore_errors=True)
         generate_clicks(
             str(data), days=args.days, sessions_per_day=sessions_per_day, n_items=args.items,
-            seed=args.seed, corruption=CORRUPTION,
+            seed=args.seed, corruption=CORRUPTION, fmt=args.format,
         )  # fmt: skip
     summary = json.loads((data / "_generated.json").read_text())
     inputs = [p["uri"] for p in summary["partitions"]]
@@ -277,7 +297,7 @@ def main() -> int:
         if results["pandas"]["rows_valid"] != results["pipeline"]["rows_valid"]:
             problems.append(f"valid rows differ: {results['pandas']['rows_valid']} vs {results['pipeline']['rows_valid']}")
     print()
-    print(f"events: {events:,} in {args.days} daily partitions ({summary['rows'] - sum(p['expected_quarantined'] for p in summary['partitions']):,} clean)")
+    print(f"events: {events:,} in {args.days} daily {args.format} partitions ({summary['rows'] - sum(p['expected_quarantined'] for p in summary['partitions']):,} clean)")
     print(f"{'variant':<10} {'wall s':>8} {'CPU s':>8} {'events/s':>12} {'peak RSS MB':>12} {'max proc MB':>12}")
     for variant, r in results.items():
         print(
