@@ -383,7 +383,14 @@ def read_split(dataset_uri: str, split: str) -> pa.Table:
     if split not in (*SPLITS, "items"):
         raise InputError(f"unknown split {split!r}; one of {', '.join((*SPLITS, 'items'))}")
     manifest = read_manifest(dataset_uri)
-    fs, path = storage.resolve(storage.join(dataset_uri, manifest["files"][split]["path"]))
+    try:
+        relative = manifest["files"][split]["path"]
+    except (KeyError, TypeError):
+        raise InputError(
+            f"{storage.join(dataset_uri, MANIFEST)} lists no file for split {split!r} (files.{split}.path): "
+            "written by another tool or version? Rebuild the dataset with `python -m pipeline build`"
+        ) from None
+    fs, path = storage.resolve(storage.join(dataset_uri, relative))
     try:
         return pq.read_table(path, filesystem=fs)
     except (OSError, pa.ArrowInvalid) as exc:

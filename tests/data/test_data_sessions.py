@@ -118,6 +118,12 @@ def test_dataset_is_atomic_reproducible_and_readable(tmp_path: Path, write_parti
     assert sorted(p.name for p in tmp_path.iterdir()) == ["clicks", "ds"]
     with pytest.raises(InputError, match="no manifest.json"):
         sessions.read_split(str(tmp_path / "clicks"), "train")
+    # A manifest from another tool (no file list) is an error that names the file, not a KeyError.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text("{}")
+    with pytest.raises(InputError, match=r"manifest.json lists no file for split 'train'"):
+        sessions.read_split(str(foreign), "train")
 
 
 def test_yoochoose_union_split_back_into_its_parts(yoochoose, tmp_path: Path) -> None:
