@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -44,7 +45,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -521,7 +522,7 @@ def _pg_admin():
     return conn
 
 
-def _create_databases(names: Iterable[str]) -> None:
+def create_databases(names: Iterable[str]) -> None:
     try:
         conn = _pg_admin()
     except Exception as exc:
@@ -534,7 +535,7 @@ def _create_databases(names: Iterable[str]) -> None:
         conn.close()
 
 
-def _drop_databases(names: Iterable[str]) -> None:
+def drop_databases(names: Iterable[str]) -> None:
     conn = _pg_admin()
     try:
         with conn.cursor() as cur:
@@ -542,6 +543,17 @@ def _drop_databases(names: Iterable[str]) -> None:
                 cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A new, uniquely named PostgreSQL database for the duration of the block (tests, throwaway stacks)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    create_databases([name])
+    try:
+        yield f"postgresql://{POSTGRES['user']}@{POSTGRES['host']}:{POSTGRES['port']}/{name}"
+    finally:
+        drop_databases([name])
 
 
 def _redis(db: int):
@@ -658,7 +670,7 @@ def up(
     )
     state.save()
     try:
-        _create_databases([state.airflow_db, state.mlflow_db])
+        create_databases([state.airflow_db, state.mlflow_db])
         state.redis_db = _claim_redis_db(str(root))
         state.save()
         s3 = s3server.start(
@@ -705,7 +717,7 @@ def down(home: str | Path | None = None) -> None:
     if state.s3_pid:
         s3server.stop(state.s3_pid)
     try:
-        _drop_databases([state.airflow_db, state.mlflow_db])
+        drop_databases([state.airflow_db, state.mlflow_db])
     except Exception as exc:
         errors.append(f"dropping databases: {exc}")
     if state.redis_db > 0:

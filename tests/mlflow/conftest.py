@@ -8,30 +8,19 @@ from __future__ import annotations
 import shutil
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from mlflow_testkit import VENV_BIN, background, free_port, tool_env, wait_http
 
+from pipeline.localstack import scratch_database
 
-@contextmanager
-def fresh_database(prefix: str = "pipeline_mlflow") -> Iterator[str]:
+
+def fresh_database(prefix: str = "pipeline_mlflow") -> AbstractContextManager[str]:
     """A new PostgreSQL database on 127.0.0.1:5432 (like the ``postgres_url`` fixture, but for any scope)."""
-    import psycopg2
-
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
-    admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
-    admin.autocommit = True
-    try:
-        with admin.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
-        with admin.cursor() as cur:
-            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        admin.close()
+    return scratch_database(prefix)
 
 
 @dataclass(frozen=True)
