@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import PipelineError
 
@@ -41,6 +42,18 @@ class S3Server:
             "MLFLOW_S3_ENDPOINT_URL": self.endpoint_url,
             "PIPELINE_S3_ENDPOINT_URL": self.endpoint_url,
         }
+
+    def client(self) -> Any:
+        """A boto3 S3 client with this server's endpoint and credentials."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+        )
 
 
 def _port_free(port: int) -> bool:
@@ -125,15 +138,7 @@ def stop(pid: int, timeout: float = 20.0) -> None:
 
 
 def create_bucket(server: S3Server, bucket: str) -> None:
-    import boto3
-
-    client = boto3.client(
-        "s3",
-        endpoint_url=server.endpoint_url,
-        aws_access_key_id=server.access_key,
-        aws_secret_access_key=server.secret_key,
-        region_name="us-east-1",
-    )
+    client = server.client()
     existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
     if bucket not in existing:
         client.create_bucket(Bucket=bucket)

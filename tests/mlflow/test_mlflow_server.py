@@ -29,7 +29,6 @@ def server_runs(server_store, mlflow_datasets) -> SimpleNamespace:
 
 
 def test_runs_go_to_postgresql_and_artifacts_to_s3(server_runs: SimpleNamespace, s3_server) -> None:
-    import boto3
     import mlflow
     import psycopg2
 
@@ -47,13 +46,7 @@ def test_runs_go_to_postgresql_and_artifacts_to_s3(server_runs: SimpleNamespace,
             cur.execute("SELECT status FROM runs WHERE run_uuid = %s", (server_runs.weak,))
             assert cur.fetchone() == ("FINISHED",)
     # Artifacts (run files and the logged model) are objects in the S3 bucket behind the server.
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_server.endpoint_url,
-        aws_access_key_id=s3_server.access_key,
-        aws_secret_access_key=s3_server.secret_key,
-        region_name="us-east-1",
-    )
+    s3 = s3_server.client()
     bucket, prefix = server.artifacts.removeprefix("s3://").split("/", 1)
     keys = set()
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
