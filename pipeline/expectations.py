@@ -151,8 +151,6 @@ def duplicate_of(keys: list[np.ndarray]) -> np.ndarray:
     A 64-bit hash of the key columns finds the few candidate rows cheaply; the candidates are then
     compared exactly, so a hash collision can never mark two different events as duplicates.
     """
-    import pandas as pd
-
     n = len(keys[0]) if keys else 0
     out = np.full(n, -1, dtype=np.int64)
     if n == 0:
@@ -162,7 +160,14 @@ def duplicate_of(keys: list[np.ndarray]) -> np.ndarray:
         for k in keys:
             h = (h ^ k.astype(np.uint64)) * _MIX
             h ^= h >> np.uint64(29)
-    rows = np.flatnonzero(pd.Series(h).duplicated(keep=False).to_numpy())
+    # Rows whose hash occurs more than once: neighbours in hash order (numpy's SIMD sort beats a hash table).
+    order = np.argsort(h)
+    sorted_h = h[order]
+    same = sorted_h[1:] == sorted_h[:-1]
+    repeated = np.zeros(n, dtype=bool)
+    repeated[1:] |= same
+    repeated[:-1] |= same
+    rows = np.sort(order[repeated])
     if rows.size == 0:
         return out
     exact = np.stack([k[rows] for k in keys], axis=1)

@@ -118,6 +118,20 @@ def _by_start_then_id(starts: np.ndarray, codes: np.ndarray, s_dict: pa.Array) -
     return np.lexsort((rank, starts))
 
 
+def _stable_argsort(keys: np.ndarray) -> np.ndarray:
+    """``np.argsort(keys, kind="stable")`` for non-negative integer keys, several times faster: (key, row) pairs
+    packed into one int64 are unique, so numpy's SIMD quicksort orders them as a stable sort would."""
+    n = len(keys)
+    shift = max(1, (n - 1).bit_length())
+    if n == 0 or int(keys.max()) >= 1 << (63 - shift):
+        return np.argsort(keys, kind="stable")
+    packed = keys.astype(np.int64) << shift
+    packed |= np.arange(n, dtype=np.int64)
+    packed.sort()
+    packed &= (1 << shift) - 1
+    return packed
+
+
 def _session_order(codes: np.ndarray, ts: np.ndarray, s_dict: pa.Array) -> np.ndarray:
     """Row permutation into (session start, session id, event time) order; ties keep their input order."""
     start = np.full(len(s_dict), np.iinfo(np.int64).max, dtype=np.int64)
@@ -127,7 +141,7 @@ def _session_order(codes: np.ndarray, ts: np.ndarray, s_dict: pa.Array) -> np.nd
     rank[present[_by_start_then_id(start[present], present, s_dict)]] = np.arange(len(present))
     if len(ts) < 2 or bool((ts[1:] >= ts[:-1]).all()):
         # A time-ordered log (the usual case for validated event streams): one stable sort by session.
-        return np.argsort(rank[codes], kind="stable")
+        return _stable_argsort(rank[codes])
     return np.lexsort((ts, rank[codes]))  # lexsort is stable: equal times keep input order
 
 
@@ -144,9 +158,22 @@ def _reorder_blocks(codes: np.ndarray, ts: np.ndarray, s_dict: pa.Array) -> np.n
     if bool((order == np.arange(len(order))).all()):
         return None
     lengths = np.diff(np.append(block_start, len(codes)))
-    new_start = np.repeat(block_start[order], lengths[order])
-    offset = np.arange(len(codes)) - np.repeat(np.cumsum(lengths[order]) - lengths[order], lengths[order])
-    return new_start + offset
+    starts, lengths = block_start[order], lengths[order]
+    # The permutation is the blocks' row ranges end to end: a running sum of +1 steps that jumps to the
+    # next block's first row where a block begins (one cumsum instead of materializing per-row offsets).
+    steps = np.ones(len(codes), dtype=np.int64)
+    steps[0] = starts[0]
+    steps[np.cumsum(lengths[:-1])] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)
+    return np.cumsum(steps, out=steps)
+
+
+def _drop_rows(keep: np.ndarray, codes: np.ndarray, bad_codes: np.ndarray) -> np.ndarray | None:
+    """Unset ``keep`` for kept rows whose code is flagged in ``bad_codes``; the dropped rows (None if none)."""
+    if not bad_codes.any():
+        return None
+    rows = np.flatnonzero(keep & bad_codes[codes])
+    keep[rows] = False
+    return rows
 
 
 def _count_distinct(codes: np.ndarray) -> int:
@@ -179,7 +206,15 @@ def build_splits(events: pa.Table, build: BuildConfig | None = None) -> Splits:
     i_codes, i_dict = _encode(events.column(ITEM_ID))
     ts = events.column(TIMESTAMP).cast(TIMESTAMP_TYPE).cast(pa.int64()).to_numpy()
     n_sessions, n_items = len(s_dict), len(i_dict)
-    stats: dict[str, Any] = {"input": _summary(s_codes, i_codes)}
+    sessions_in = np.bincount(s_codes, minlength=n_sessions)
+    items_in = np.bincount(i_codes, minlength=n_items)
+    stats: dict[str, Any] = {
+        "input": {
+            "events": len(s_codes),
+            "sessions": int(np.count_nonzero(sessions_in)),
+            "items": int(np.count_nonzero(items_in)),
+        }
+    }
 
     # 1. GRU4Rec order.
     order = _session_order(s_codes, ts, s_dict)
@@ -194,24 +229,28 @@ def build_splits(events: pa.Table, build: BuildConfig | None = None) -> Splits:
         keep &= ~repeat
     stats["dropped"] = {"repeats": int((~keep).sum()), "short_sessions": 0, "rare_items": 0}
 
-    # 3. Iterative filtering until nothing changes.
+    # 3. Iterative filtering until nothing changes. Session lengths and item supports are counted once and
+    #    then kept up to date by subtracting the (few) rows each step drops; a step reads every row only
+    #    when some session or item is below its threshold.
+    lengths = np.bincount(s_codes[keep], minlength=n_sessions) if build.drop_repeats else sessions_in
+    supports = np.bincount(i_codes[keep], minlength=n_items) if build.drop_repeats else items_in
     iterations = 0
     while build.min_session_length or build.min_item_support:
         iterations += 1
         changed = False
         if build.min_session_length:
-            lengths = np.bincount(s_codes[keep], minlength=n_sessions)
-            bad = keep & (lengths[s_codes] < build.min_session_length)
-            if bad.any():
-                stats["dropped"]["short_sessions"] += int(bad.sum())
-                keep &= ~bad
+            bad = _drop_rows(keep, s_codes, (lengths > 0) & (lengths < build.min_session_length))
+            if bad is not None:
+                stats["dropped"]["short_sessions"] += len(bad)
+                lengths[s_codes[bad]] = 0
+                supports -= np.bincount(i_codes[bad], minlength=n_items)
                 changed = True
         if build.min_item_support:
-            supports = np.bincount(i_codes[keep], minlength=n_items)
-            bad = keep & (supports[i_codes] < build.min_item_support)
-            if bad.any():
-                stats["dropped"]["rare_items"] += int(bad.sum())
-                keep &= ~bad
+            bad = _drop_rows(keep, i_codes, (supports > 0) & (supports < build.min_item_support))
+            if bad is not None:
+                stats["dropped"]["rare_items"] += len(bad)
+                supports[i_codes[bad]] = 0
+                lengths -= np.bincount(s_codes[bad], minlength=n_sessions)
                 changed = True
         if not changed:
             break
@@ -221,7 +260,11 @@ def build_splits(events: pa.Table, build: BuildConfig | None = None) -> Splits:
             f"no events left after filtering (min_session_length={build.min_session_length}, "
             f"min_item_support={build.min_item_support}); lower the thresholds or give more data"
         )
-    stats["after_filtering"] = _summary(s_codes[keep], i_codes[keep])
+    stats["after_filtering"] = {
+        "events": int(np.count_nonzero(keep)),
+        "sessions": int(np.count_nonzero(lengths)),
+        "items": int(np.count_nonzero(supports)),
+    }
 
     # 4. Temporal split on each session's last event.
     tmax = int(ts[keep].max())

@@ -66,7 +66,8 @@ MAX_WORKERS = 4
 AUTO_PARALLEL_BYTES = 64 << 20  # below this much input, helper processes cost more than they save
 WORK_IN_PARENT = True  # the calling process validates batches too (tests turn it off to exercise the helpers)
 # Helpers are forked on Linux (Arrow, NumPy and logging re-initialize their threads and locks after a fork):
-# no main-module re-import. Either way they start before this process imports GX, and import it alongside.
+# no main-module re-import, and they are forked after this process has imported GX (seconds of CPU each),
+# so they inherit it. Spawned helpers start first and import GX alongside this process.
 START_METHOD = os.environ.get("PIPELINE_VALIDATE_START_METHOD") or ("fork" if sys.platform == "linux" else "spawn")
 
 
@@ -549,7 +550,9 @@ def validate(
         raise InputError("nothing to validate: no input files given")
     now = dt.datetime.now(dt.UTC)
     workers = _workers(validation, batches)
-    pool = _start_helpers(workers, len(batches))  # first: GX imports here and in the helpers at the same time
+    if START_METHOD == "fork":
+        gx_context()  # before forking: the helpers inherit the imported GX instead of importing it again
+    pool = _start_helpers(workers, len(batches))  # spawned helpers import GX while this process does
     try:
         gx_context()
     except BaseException:
