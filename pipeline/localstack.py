@@ -522,27 +522,26 @@ def _pg_admin():
     return conn
 
 
-def create_databases(names: Iterable[str]) -> None:
+def _admin_execute(statements: Iterable[str]) -> None:
+    """Run statements on the ``postgres`` maintenance database (an unreachable server is a clear StackError)."""
     try:
         conn = _pg_admin()
     except Exception as exc:
         raise StackError(f"cannot reach PostgreSQL at {POSTGRES['host']}:{POSTGRES['port']} as {POSTGRES['user']}: {exc}") from None
     try:
         with conn.cursor() as cur:
-            for name in names:
-                cur.execute(f'CREATE DATABASE "{name}"')
+            for statement in statements:
+                cur.execute(statement)
     finally:
         conn.close()
+
+
+def create_databases(names: Iterable[str]) -> None:
+    _admin_execute(f'CREATE DATABASE "{name}"' for name in names)
 
 
 def drop_databases(names: Iterable[str]) -> None:
-    conn = _pg_admin()
-    try:
-        with conn.cursor() as cur:
-            for name in names:
-                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        conn.close()
+    _admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)' for name in names)
 
 
 @contextlib.contextmanager
