@@ -57,6 +57,10 @@ class BuildConfig:
     min_session_length: int = 2  # 0 = off
     min_item_support: int = 5  # 0 = off
     drop_repeats: bool = False  # RSC15 keeps consecutive repeats
+    # Working memory for the per-event data; a larger log is processed a bucket of sessions at a time with
+    # the rest spilled to local disk (per-session state and one input file come on top, see docs/benchmarks.md).
+    memory_budget_mb: int = 2048
+    spill_dir: str = ""  # where spilled buckets go; "" = the system temporary folder ($TMPDIR)
 
 
 @dataclass(frozen=True)

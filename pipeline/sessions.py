@@ -2,13 +2,17 @@
 
 ``build_dataset(inputs, out_dir)`` writes (see docs/architecture.md)::
 
-    DIR/train/part-0.parquet   session_id, item_id, timestamp, item_idx
-    DIR/valid/part-0.parquet   same columns; only train items; sessions of >= 2 events
-    DIR/test/part-0.parquet    same columns; only train items; sessions of >= 2 events
-    DIR/items/part-0.parquet   item_idx, item_id, count (train popularity)
-    DIR/manifest.json          written last: counts, time ranges, config, schema version, fingerprint
+    DIR/train/part-<hash>.parquet   session_id, item_id, timestamp, item_idx
+    DIR/valid/part-<hash>.parquet   same columns; only train items; sessions of >= 2 events
+    DIR/test/part-<hash>.parquet    same columns; only train items; sessions of >= 2 events
+    DIR/items/part-<hash>.parquet   item_idx, item_id, count (train popularity)
+    DIR/manifest.json               written last: files, counts, time ranges, config, schema version, fingerprint
 
-The steps, all on integer codes of the ids (numpy), so memory stays a few bytes per event:
+Data files are named by their content (the first 16 hex digits of their SHA-256), so a published file never
+changes: a reader that follows the manifest sees one complete version even while a newer one is published
+(on S3 the manifest is the single atomic switch, see :mod:`pipeline.storage`).
+
+The rules:
 
 1. order rows by (session start, session id, event time), keeping input order for ties;
 2. optionally drop consecutive repeats of an item within a session (RSC15 keeps them);
@@ -17,7 +21,15 @@ The steps, all on integer codes of the ids (numpy), so memory stays a few bytes 
 4. test = sessions whose last event is within ``test_days`` * 86400 s of the latest event; valid = the same
    rule inside the rest with ``valid_days``; train = what remains;
 5. item index on train only (dense, in order of first appearance); valid and test keep only train items,
-   then only sessions of >= 2 events.
+   then only sessions of >= 2 events; each split is in (session start, session id, time) order, the start
+   being that of the session's rows in the split.
+
+How, in bounded memory: the input is read one file at a time into integer codes (:func:`_scan`); sessions
+are ranked by (start, id) and cut into buckets of whole sessions that fit ``build.memory_budget_mb``; the
+per-event codes are kept in an :class:`~pipeline.spill.ArrayStore` (in memory below the budget, spilled to
+local disk above it) and every later step reads one bucket at a time. What stays in memory throughout is
+per-session and per-item state (a few tens of bytes per session, plus each distinct id once) and the file
+being read. The output is the same bytes whatever the budget.
 """
 
 from __future__ import annotations
@@ -25,7 +37,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +49,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import __version__, storage
@@ -49,16 +66,24 @@ from pipeline.schema import (
     TIMESTAMP,
     TIMESTAMP_TYPE,
 )
+from pipeline.spill import ArrayStore
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-PART = "part-0.parquet"
 DAY_US = 86_400 * 1_000_000
+ROW_GROUP = 1 << 20
 # Dictionary pages where values repeat (items); session ids are nearly unique, dictionary encoding them
 # costs time and saves nothing.
-PARQUET_OPTIONS = {"compression": "zstd", "row_group_size": 1 << 20, "use_dictionary": ["item_id", "item_idx"]}
+PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": ["item_id", "item_idx"]}
 VALIDATION_REPORT = "report.json"  # a validate output folder: its clean/ rows are the input
+# Peak working memory per event of one bucket (codes, sort keys, masks, one row group of output strings),
+# measured on the 10M-event benchmark; the budget divided by this is the bucket size.
+BYTES_PER_ROW = 56
+READ_AHEAD = 1  # input files decoded while the previous one is scanned
+MAX_I64 = np.iinfo(np.int64).max
+MIN_I64 = np.iinfo(np.int64).min
+TRAIN, VALID, TEST = 0, 1, 2  # split codes of rows (-1: dropped)
 
 
 @dataclass
@@ -80,10 +105,12 @@ def check_config(build: BuildConfig) -> None:
         raise ConfigError("build.test_days and build.valid_days must be >= 0 (0 = no such split)")
     if build.min_session_length < 0 or build.min_item_support < 0:
         raise ConfigError("build.min_session_length and build.min_item_support must be >= 0 (0 = off)")
+    if build.memory_budget_mb < 1:
+        raise ConfigError("build.memory_budget_mb must be >= 1 (megabytes of working memory for the build)")
 
 
 # ---------------------------------------------------------------------------------------------
-# Pure computation (no I/O)
+# Small array helpers (no I/O)
 
 
 def _encode(column: pa.ChunkedArray) -> tuple[np.ndarray, pa.Array]:
@@ -132,56 +159,51 @@ def _stable_argsort(keys: np.ndarray) -> np.ndarray:
     return packed
 
 
-def _session_order(codes: np.ndarray, ts: np.ndarray, s_dict: pa.Array) -> np.ndarray:
-    """Row permutation into (session start, session id, event time) order; ties keep their input order."""
-    start = np.full(len(s_dict), np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(start, codes, ts)
-    present = np.flatnonzero(start < np.iinfo(np.int64).max)
-    rank = np.empty(len(s_dict), dtype=np.int64)
-    rank[present[_by_start_then_id(start[present], present, s_dict)]] = np.arange(len(present))
-    if len(ts) < 2 or bool((ts[1:] >= ts[:-1]).all()):
-        # A time-ordered log (the usual case for validated event streams): one stable sort by session.
-        return _stable_argsort(rank[codes])
-    return np.lexsort((ts, rank[codes]))  # lexsort is stable: equal times keep input order
-
-
-def _reorder_blocks(codes: np.ndarray, ts: np.ndarray, s_dict: pa.Array) -> np.ndarray | None:
-    """For rows already grouped by session and time-ordered within each, the permutation that puts the
-    sessions back in (start, id) order; None when they already are. O(rows) plus a sort of the sessions.
-    """
-    if len(codes) < 2:
+def _block_order(keys: np.ndarray) -> np.ndarray | None:
+    """For rows in blocks of equal ``keys`` (one block per key), the permutation that sorts the blocks by key,
+    keeping each block's rows in order; None when they already are. O(rows) plus a sort of the blocks."""
+    if len(keys) < 2 or bool((keys[1:] >= keys[:-1]).all()):
         return None
-    first = np.ones(len(codes), dtype=bool)
-    first[1:] = codes[1:] != codes[:-1]
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
     block_start = np.flatnonzero(first)
-    order = _by_start_then_id(ts[block_start], codes[block_start], s_dict)
-    if bool((order == np.arange(len(order))).all()):
-        return None
-    lengths = np.diff(np.append(block_start, len(codes)))
+    order = np.argsort(keys[block_start], kind="stable")
+    lengths = np.diff(np.append(block_start, len(keys)))
     starts, lengths = block_start[order], lengths[order]
     # The permutation is the blocks' row ranges end to end: a running sum of +1 steps that jumps to the
     # next block's first row where a block begins (one cumsum instead of materializing per-row offsets).
-    steps = np.ones(len(codes), dtype=np.int64)
+    steps = np.ones(len(keys), dtype=np.int64)
     steps[0] = starts[0]
     steps[np.cumsum(lengths[:-1])] = starts[1:] - (starts[:-1] + lengths[:-1] - 1)
     return np.cumsum(steps, out=steps)
 
 
-def _drop_rows(keep: np.ndarray, codes: np.ndarray, bad_codes: np.ndarray) -> np.ndarray | None:
-    """Unset ``keep`` for kept rows whose code is flagged in ``bad_codes``; the dropped rows (None if none)."""
-    if not bad_codes.any():
-        return None
-    rows = np.flatnonzero(keep & bad_codes[codes])
-    keep[rows] = False
-    return rows
+def _run_ends(keys: np.ndarray) -> np.ndarray:
+    """Indices of the last row of each run of equal consecutive keys."""
+    return (
+        np.flatnonzero(np.append(keys[1:] != keys[:-1], True)) if len(keys) else np.zeros(0, dtype=np.int64)
+    )
 
 
-def _count_distinct(codes: np.ndarray) -> int:
-    return int(np.count_nonzero(np.bincount(codes))) if len(codes) else 0
+def _run_starts(keys: np.ndarray) -> np.ndarray:
+    return (
+        np.flatnonzero(np.insert(keys[1:] != keys[:-1], 0, True))
+        if len(keys)
+        else np.zeros(0, dtype=np.int64)
+    )
 
 
-def _summary(codes_s: np.ndarray, codes_i: np.ndarray) -> dict[str, int]:
-    return {"events": int(len(codes_s)), "sessions": _count_distinct(codes_s), "items": _count_distinct(codes_i)}
+def _buckets(lengths: np.ndarray, max_rows: int) -> np.ndarray:
+    """Cut consecutive sessions (their row counts in order) into buckets of about ``max_rows`` rows, never
+    splitting a session: the first session index of each bucket plus the end (``len(lengths)``)."""
+    before = np.cumsum(lengths) - lengths
+    block = before // max(1, max_rows)
+    first = (
+        np.flatnonzero(np.insert(block[1:] != block[:-1], 0, True))
+        if len(lengths)
+        else np.zeros(1, dtype=np.int64)
+    )
+    return np.append(first, len(lengths))
 
 
 def _iso(us: int | None) -> str | None:
@@ -190,139 +212,428 @@ def _iso(us: int | None) -> str | None:
     return dt.datetime.fromtimestamp(us / 1e6, dt.UTC).isoformat().replace("+00:00", "Z")
 
 
-def build_splits(events: pa.Table, build: BuildConfig | None = None) -> Splits:
-    """Order, filter and split canonical events (only session_id, item_id and timestamp are used)."""
-    build = build or BuildConfig()
-    check_config(build)
+# ---------------------------------------------------------------------------------------------
+# The build, one bucket of sessions at a time
+
+
+@dataclass
+class _Scan:
+    """What one pass over the input leaves in memory: ids, per-session and per-item counts."""
+
+    rows: int
+    s_dict: pa.Array  # global session code -> session id
+    i_dict: pa.Array  # global item code -> item id
+    s_luts: list[np.ndarray]  # per input part: local session code -> global code
+    i_luts: list[np.ndarray]
+    starts: np.ndarray  # per global session: first event time (us)
+    lengths: np.ndarray  # per global session: events
+    supports: np.ndarray  # per global item: events
+
+
+def _check_events(table: pa.Table, where: str) -> None:
     for name in (SESSION_ID, ITEM_ID, TIMESTAMP):
-        if name not in events.column_names:
-            raise InputError(f"events have no {name} column")
-        nulls = events.column(name).null_count
+        if name not in table.column_names:
+            raise InputError(f"{where}: events have no {name} column")
+        nulls = table.column(name).null_count
         if nulls:
-            raise InputError(f"{nulls} events have a null {name}; run `validate` first and build from its clean rows")
-    if events.num_rows == 0:
+            raise InputError(
+                f"{where}: {nulls} events have a null {name}; run `validate` first and build from its clean rows"
+            )
+
+
+def _scan(parts: Iterable[tuple[str, pa.Table]], store: ArrayStore) -> _Scan:
+    """Read every part once: per-event codes into ``store`` (``p<k>``), ids and counts into memory."""
+    s_dicts, i_dicts, local_stats = [], [], []
+    rows = 0
+    for k, (where, table) in enumerate(parts):
+        _check_events(table, where)
+        s, s_dict = _encode(table.column(SESSION_ID))
+        i, i_dict = _encode(table.column(ITEM_ID))
+        t = table.column(TIMESTAMP).cast(TIMESTAMP_TYPE).cast(pa.int64()).to_numpy()
+        del table
+        start = np.full(len(s_dict), MAX_I64, dtype=np.int64)
+        np.minimum.at(start, s, t)
+        local_stats.append(
+            (start, np.bincount(s, minlength=len(s_dict)), np.bincount(i, minlength=len(i_dict)))
+        )
+        s_dicts.append(s_dict)
+        i_dicts.append(i_dict)
+        store.put(f"p{k}", s=s, i=i, t=t)
+        rows += len(t)
+    if rows == 0:
         raise InputError("no events to build a dataset from")
-    s_codes, s_dict = _encode(events.column(SESSION_ID))
-    i_codes, i_dict = _encode(events.column(ITEM_ID))
-    ts = events.column(TIMESTAMP).cast(TIMESTAMP_TYPE).cast(pa.int64()).to_numpy()
-    n_sessions, n_items = len(s_dict), len(i_dict)
-    sessions_in = np.bincount(s_codes, minlength=n_sessions)
-    items_in = np.bincount(i_codes, minlength=n_items)
-    stats: dict[str, Any] = {
-        "input": {
-            "events": len(s_codes),
-            "sessions": int(np.count_nonzero(sessions_in)),
-            "items": int(np.count_nonzero(items_in)),
+    # One dictionary over the parts' distinct ids (each id hashed once per part it appears in).
+    s_codes, s_dict = _encode(pa.chunked_array(s_dicts, type=pa.string()))
+    i_codes, i_dict = _encode(pa.chunked_array(i_dicts, type=pa.string()))
+    s_luts = np.split(s_codes, np.cumsum([len(d) for d in s_dicts])[:-1])
+    i_luts = np.split(i_codes, np.cumsum([len(d) for d in i_dicts])[:-1])
+    starts = np.full(len(s_dict), MAX_I64, dtype=np.int64)
+    lengths = np.zeros(len(s_dict), dtype=np.int64)
+    supports = np.zeros(len(i_dict), dtype=np.int64)
+    for (start, length, support), s_lut, i_lut in zip(local_stats, s_luts, i_luts, strict=True):
+        np.minimum.at(starts, s_lut, start)
+        np.add.at(lengths, s_lut, length)
+        np.add.at(supports, i_lut, support)
+    return _Scan(rows, s_dict, i_dict, s_luts, i_luts, starts, lengths, supports)
+
+
+def _distribute(
+    store: ArrayStore, sources: Sequence[str], bounds: np.ndarray, prefix: str,
+    rows_of: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], key: np.ndarray,
+) -> int:  # fmt: skip
+    """Route the rows of each source group (in order) to buckets ``prefix<b>.<n>``: ``rows_of`` turns a group
+    into the rows to keep (arrays ``r``, ``i``, ``t``; ``r`` indexes ``key``), whose bucket is the one holding
+    ``key[r]`` (``bounds`` as from :func:`_buckets`). Returns the number of buckets."""
+    n_buckets = len(bounds) - 1
+    bucket_of = np.zeros(max(1, int(bounds[-1])), dtype=np.int32)
+    for b in range(1, n_buckets):
+        bucket_of[bounds[b] :] = b
+    for n, source in enumerate(sources):
+        rows = rows_of(store.pop(source) or {})
+        if n_buckets <= 1:
+            store.put(f"{prefix}0.{n}", **rows)
+            continue
+        b = bucket_of[key[rows["r"]]]
+        order = _stable_argsort(b)
+        cuts = np.searchsorted(b[order], np.arange(1, n_buckets))
+        for bucket, piece in enumerate(np.split(order, cuts)):
+            if len(piece):
+                store.put(f"{prefix}{bucket}.{n}", **{name: a[piece] for name, a in rows.items()})
+    return n_buckets
+
+
+def _gather(store: ArrayStore, prefix: str, n_sources: int) -> dict[str, np.ndarray]:
+    """A bucket's pieces, concatenated in source order (and removed from the store)."""
+    pieces = [p for n in range(n_sources) if (p := store.pop(f"{prefix}.{n}")) is not None]
+    if len(pieces) == 1:
+        return pieces[0]
+    return {name: np.concatenate([p[name] for p in pieces]) for name in ("r", "i", "t")}
+
+
+class _Build:
+    """The build over one scan; each method is one pass over the buckets (see the module docstring)."""
+
+    def __init__(self, scan: _Scan, store: ArrayStore, config: BuildConfig, max_rows: int) -> None:
+        self.scan, self.store, self.config, self.max_rows = scan, store, config, max_rows
+        present = np.flatnonzero(scan.lengths > 0)
+        # Sessions by rank: everything per session below is indexed by rank in (start, id) order.
+        self.code_of_rank = present[_by_start_then_id(scan.starts[present], present, scan.s_dict)].astype(
+            np.int32
+        )
+        rank_of_code = np.full(len(scan.s_dict), -1, dtype=np.int32)
+        rank_of_code[self.code_of_rank] = np.arange(len(present), dtype=np.int32)
+        self.lengths = scan.lengths[self.code_of_rank]
+        self.supports = scan.supports.copy()
+        self.n_sessions, self.n_items = len(present), len(scan.i_dict)
+        self.stats: dict[str, Any] = {
+            "input": {
+                "events": scan.rows,
+                "sessions": len(present),
+                "items": int(np.count_nonzero(scan.supports)),
+            },
+            "dropped": {"repeats": 0, "short_sessions": 0, "rare_items": 0},
         }
+        self.bounds = _buckets(self.lengths, max_rows)
+        n_parts = len(scan.s_luts)
+
+        def part_rows(k: int) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
+            def rows(p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+                return {"r": rank_of_code[scan.s_luts[k][p["s"]]], "i": scan.i_luts[k][p["i"]], "t": p["t"]}
+
+            return rows
+
+        # Distribute part by part (each part's rows go to their sessions' buckets, input order kept).
+        self.n_buckets = len(self.bounds) - 1
+        for k in range(n_parts):
+            _distribute(store, [f"p{k}"], self.bounds, f"x{k}.", part_rows(k), np.arange(self.n_sessions))
+            for b in range(self.n_buckets):  # rename x<k>.<b>.0 -> b<b>.<k>
+                piece = store.pop(f"x{k}.{b}.0")
+                if piece is not None:
+                    store.put(f"b{b}.{k}", **piece)
+        self.n_parts = n_parts
+
+    def buckets(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        for b in range(self.n_buckets):
+            yield b, self.store.get(f"o{b}")
+
+    def order(self) -> None:
+        """Sort each bucket into (rank, time, input order) and drop consecutive repeats if asked."""
+        repeats_r, repeats_i = (
+            np.zeros(self.n_sessions, dtype=np.int64),
+            np.zeros(self.n_items, dtype=np.int64),
+        )
+        for b in range(self.n_buckets):
+            rows = _gather(self.store, f"b{b}", self.n_parts)
+            r, i, t = rows["r"], rows["i"], rows["t"]
+            del rows
+            if len(t) < 2 or bool((t[1:] >= t[:-1]).all()):
+                perm = _stable_argsort(
+                    r - int(self.bounds[b])
+                )  # time-ordered input: one stable sort by session
+            else:
+                perm = np.lexsort((t, r))  # lexsort is stable: equal times keep input order
+            r, i, t = r[perm], i[perm], t[perm]
+            del perm
+            if self.config.drop_repeats and len(r) > 1:
+                repeat = np.zeros(len(r), dtype=bool)
+                repeat[1:] = (r[1:] == r[:-1]) & (i[1:] == i[:-1])
+                if repeat.any():
+                    repeats_r += np.bincount(r[repeat], minlength=self.n_sessions)
+                    repeats_i += np.bincount(i[repeat], minlength=self.n_items)
+                    r, i, t = r[~repeat], i[~repeat], t[~repeat]
+            self.store.put(f"o{b}", r=r, i=i, t=t)
+        self.lengths = self.lengths - repeats_r
+        self.supports = self.supports - repeats_i
+        self.stats["dropped"]["repeats"] = int(repeats_r.sum())
+
+    def _count(self, session_sel: np.ndarray, item_sel: np.ndarray, by: str) -> np.ndarray:
+        """Rows whose session and item are selected, counted per session (``by="r"``) or item (``"i"``)."""
+        size = self.n_sessions if by == "r" else self.n_items
+        counts = np.zeros(size, dtype=np.int64)
+        for _, rows in self.buckets():
+            hit = session_sel[rows["r"]] & item_sel[rows["i"]]
+            counts += np.bincount(rows[by][hit], minlength=size)
+        return counts
+
+    def filter(self) -> None:
+        """Drop short sessions and rare items until stable. A row is kept while neither its session nor its
+        item is dropped, so only these two flags (and the counts) are state; a pass counts what a step drops."""
+        config, dropped = self.config, self.stats["dropped"]
+        self.session_out = np.zeros(self.n_sessions, dtype=bool)
+        self.item_out = np.zeros(self.n_items, dtype=bool)
+        iterations = 0
+        while config.min_session_length or config.min_item_support:
+            iterations += 1
+            changed = False
+            if config.min_session_length:
+                short = (self.lengths > 0) & (self.lengths < config.min_session_length)
+                if short.any():
+                    dropped["short_sessions"] += int(self.lengths[short].sum())
+                    self.lengths[short] = 0
+                    self.session_out |= short
+                    self.supports -= self._count(short, ~self.item_out, "i")
+                    changed = True
+            if config.min_item_support:
+                rare = (self.supports > 0) & (self.supports < config.min_item_support)
+                if rare.any():
+                    dropped["rare_items"] += int(self.supports[rare].sum())
+                    self.supports[rare] = 0
+                    self.item_out |= rare
+                    self.lengths -= self._count(~self.session_out, rare, "r")
+                    changed = True
+            if not changed:
+                break
+        self.stats["filter_iterations"] = iterations
+        if not self.lengths.any():
+            raise InputError(
+                f"no events left after filtering (min_session_length={config.min_session_length}, "
+                f"min_item_support={config.min_item_support}); lower the thresholds or give more data"
+            )
+        self.stats["after_filtering"] = {
+            "events": int(self.lengths.sum()),
+            "sessions": int(np.count_nonzero(self.lengths)),
+            "items": int(np.count_nonzero(self.supports)),
+        }
+
+    def _kept(self, rows: dict[str, np.ndarray]) -> np.ndarray:
+        return ~self.session_out[rows["r"]] & ~self.item_out[rows["i"]]
+
+    def split(self) -> None:
+        """Test / valid / train by each session's last kept event."""
+        config = self.config
+        ends = np.full(self.n_sessions, MIN_I64, dtype=np.int64)
+        for _, rows in self.buckets():
+            keep = self._kept(rows)
+            r, t = rows["r"][keep], rows["t"][keep]
+            last = _run_ends(r)  # rows are in (session, time) order: a session's last row is its end
+            ends[r[last]] = t[last]
+        alive = self.lengths > 0
+        tmax = int(ends[alive].max())
+        test_start = tmax - int(round(config.test_days * DAY_US)) if config.test_days > 0 else None
+        test = (
+            alive & (ends >= test_start) if test_start is not None else np.zeros(self.n_sessions, dtype=bool)
+        )
+        valid_start = None
+        valid = np.zeros(self.n_sessions, dtype=bool)
+        if config.valid_days > 0 and (alive & ~test).any():
+            valid_start = int(ends[alive & ~test].max()) - int(round(config.valid_days * DAY_US))
+            valid = alive & ~test & (ends >= valid_start)
+        if not (alive & ~test & ~valid).any():
+            raise InputError(
+                f"the train split is empty: every session ends within the last {config.test_days} + "
+                f"{config.valid_days} days; use shorter windows or more days of data"
+            )
+        self.split_of = np.where(test, TEST, np.where(valid, VALID, TRAIN)).astype(np.int8)
+        self.stats["split_times"] = {
+            "latest_event": _iso(tmax), "test_start": _iso(test_start), "valid_start": _iso(valid_start)
+        }  # fmt: skip
+
+    def index_items(self) -> None:
+        """Dense item index in order of first appearance in train; popularity counts."""
+        first_seen = np.full(self.n_items, MAX_I64, dtype=np.int64)
+        counts = np.zeros(self.n_items, dtype=np.int64)
+        offset = 0
+        for _, rows in self.buckets():
+            items = rows["i"][self._kept(rows) & (self.split_of[rows["r"]] == TRAIN)]
+            np.minimum.at(first_seen, items, np.arange(offset, offset + len(items), dtype=np.int64))
+            counts += np.bincount(items, minlength=self.n_items)
+            offset += len(items)
+        seen = np.flatnonzero(first_seen < MAX_I64)
+        self.by_appearance = seen[np.argsort(first_seen[seen], kind="stable")]
+        self.item_idx = np.full(self.n_items, -1, dtype=np.int32)
+        self.item_idx[self.by_appearance] = np.arange(len(self.by_appearance), dtype=np.int32)
+        self.item_counts = counts[self.by_appearance]
+
+    def finalize(self) -> None:
+        """Each row's final split (held-out rows: train items only, sessions of >= 2 of them) and the output
+        order of the sessions (by the start of their final rows, then id)."""
+        dropped = self.stats["dropped"]
+        for name in ("valid", "test"):
+            dropped[f"{name}_unknown_items"] = dropped[f"{name}_short_sessions"] = 0
+        final_start = np.full(self.n_sessions, MAX_I64, dtype=np.int64)
+        final_length = np.zeros(self.n_sessions, dtype=np.int64)
+        for b, rows in self.buckets():
+            r, i = rows["r"], rows["i"]
+            split = np.where(self._kept(rows), self.split_of[r], np.int8(-1))
+            held = split > TRAIN
+            known = held & (self.item_idx[i] >= 0)
+            lo = int(self.bounds[b])
+            known_len = np.bincount(r[known] - lo, minlength=int(self.bounds[b + 1]) - lo)
+            final = known & (known_len[r - lo] >= 2)
+            for code, name in ((VALID, "valid"), (TEST, "test")):
+                in_split = split == code
+                dropped[f"{name}_unknown_items"] += int((in_split & ~known).sum())
+                dropped[f"{name}_short_sessions"] += int((in_split & known & ~final).sum())
+            split[held & ~final] = -1
+            rs, ts = r[split >= 0], rows["t"][split >= 0]
+            first = _run_starts(rs)  # rows are in (session, time) order
+            final_start[rs[first]] = ts[first]
+            final_length += np.bincount(rs, minlength=self.n_sessions)
+            self.store.put(f"o{b}", r=r[split >= 0], i=i[split >= 0], t=ts)
+        # Output rank: train sessions, then valid, then test, each by (final start, id).
+        self.out_rank = np.full(self.n_sessions, -1, dtype=np.int32)
+        self.split_bounds = [0]
+        for code in (TRAIN, VALID, TEST):
+            members = np.flatnonzero((self.split_of == code) & (final_length > 0))
+            order = members[
+                _by_start_then_id(final_start[members], self.code_of_rank[members], self.scan.s_dict)
+            ]
+            base = self.split_bounds[-1]
+            self.out_rank[order] = np.arange(base, base + len(order), dtype=np.int32)
+            self.split_bounds.append(base + len(order))
+        self.out_lengths = np.zeros(self.split_bounds[-1], dtype=np.int64)
+        alive = self.out_rank >= 0
+        self.out_lengths[self.out_rank[alive]] = final_length[alive]
+
+    def output(self) -> Iterator[tuple[str, pa.Table]]:
+        """The final rows as ``(split, table)`` chunks, in split order and, within a split, in output order;
+        fills the per-split statistics on the way."""
+        bounds = _buckets(self.out_lengths, self.max_rows)
+        n_out = _distribute(
+            self.store,
+            [f"o{b}" for b in range(self.n_buckets)],
+            bounds,
+            "w",
+            lambda rows: rows,
+            self.out_rank,
+        )
+        split_bounds = np.array(self.split_bounds[1:-1])
+        items_seen = np.zeros((len(SPLITS), self.n_items), dtype=bool)
+        times = np.array([[MAX_I64, MIN_I64]] * len(SPLITS), dtype=np.int64)
+        for w in range(n_out):
+            rows = _gather(self.store, f"w{w}", self.n_buckets)
+            if not rows:
+                continue
+            r, i, t = rows["r"], rows["i"], rows["t"]
+            key = self.out_rank[r]
+            perm = _block_order(key)  # a session whose first rows were dropped may start later: move it
+            if perm is not None:
+                r, i, t, key = r[perm], i[perm], t[perm], key[perm]
+            for code, piece in enumerate(np.split(np.arange(len(r)), np.searchsorted(key, split_bounds))):
+                if len(piece) == 0:
+                    continue
+                items_seen[code, i[piece]] = True
+                times[code] = (
+                    min(times[code, 0], int(t[piece].min())),
+                    max(times[code, 1], int(t[piece].max())),
+                )
+                for lo in range(0, len(piece), ROW_GROUP):
+                    chunk = piece[lo : lo + ROW_GROUP]
+                    yield (
+                        SPLITS[code],
+                        pa.table(
+                            [
+                                self.scan.s_dict.take(pa.array(self.code_of_rank[r[chunk]])),
+                                self.scan.i_dict.take(pa.array(i[chunk])),
+                                pa.array(t[chunk]).cast(TIMESTAMP_TYPE),
+                                pa.array(self.item_idx[i[chunk]]),
+                            ],
+                            schema=SPLIT_SCHEMA,
+                        ),
+                    )
+        for code, name in enumerate(SPLITS):
+            lo, hi = self.split_bounds[code], self.split_bounds[code + 1]
+            empty = lo == hi
+            self.stats[name] = {
+                "events": int(self.out_lengths[lo:hi].sum()),
+                "sessions": hi - lo,
+                "items": int(items_seen[code].sum()),
+                "start": None if empty else _iso(int(times[code, 0])),
+                "end": None if empty else _iso(int(times[code, 1])),
+            }
+
+    def items(self) -> pa.Table:
+        return pa.table(
+            [
+                pa.array(np.arange(len(self.by_appearance), dtype=np.int32)),
+                self.scan.i_dict.take(pa.array(self.by_appearance)),
+                pa.array(self.item_counts),
+            ],
+            schema=ITEMS_SCHEMA,
+        )
+
+
+def _run_build(
+    parts: Iterable[tuple[str, pa.Table]],
+    build: BuildConfig,
+    emit: Callable[[str, pa.Table], None],
+) -> tuple[pa.Table, dict[str, Any]]:
+    """The whole build over ``parts`` (``(where, events)`` pairs, in input order). Split rows go to ``emit``
+    in order; returns the item map and the statistics."""
+    check_config(build)
+    budget = build.memory_budget_mb << 20
+    max_rows = max(1, budget // BYTES_PER_ROW)
+    # The stored codes take 16 of BYTES_PER_ROW bytes per event: over a third of the budget, spill them.
+    with ArrayStore(budget // 3, build.spill_dir or None) as store:
+        t0 = time.perf_counter()
+        scan = _scan(parts, store)
+        job = _Build(scan, store, build, max_rows)
+        if job.n_buckets > 1 or store.spilled:
+            log.info(
+                "building %d events in %d buckets of up to ~%d events (memory_budget_mb=%d, %.0f MB spilled to %s)",
+                scan.rows, job.n_buckets, max_rows, build.memory_budget_mb, store.spilled_bytes / 2**20,
+                build.spill_dir or tempfile.gettempdir(),
+            )  # fmt: skip
+        job.order()
+        job.filter()
+        job.split()
+        job.index_items()
+        job.finalize()
+        for name, table in job.output():
+            emit(name, table)
+        log.debug("build computed in %.1f s", time.perf_counter() - t0)
+        return job.items(), job.stats
+
+
+def build_splits(events: pa.Table, build: BuildConfig | None = None) -> Splits:
+    """Order, filter and split canonical events in memory (only session_id, item_id and timestamp are used)."""
+    build = build or BuildConfig()
+    chunks: dict[str, list[pa.Table]] = {name: [] for name in SPLITS}
+    items, stats = _run_build([("events", events)], build, lambda name, table: chunks[name].append(table))
+    tables = {
+        name: pa.concat_tables(c).combine_chunks() if c else SPLIT_SCHEMA.empty_table()
+        for name, c in chunks.items()
     }
-
-    # 1. GRU4Rec order.
-    order = _session_order(s_codes, ts, s_dict)
-    s_codes, i_codes, ts = s_codes[order], i_codes[order], ts[order]
-    del order
-
-    # 2. Consecutive repeats (same item again, same session).
-    keep = np.ones(len(ts), dtype=bool)
-    if build.drop_repeats:
-        repeat = np.zeros(len(ts), dtype=bool)
-        repeat[1:] = (s_codes[1:] == s_codes[:-1]) & (i_codes[1:] == i_codes[:-1])
-        keep &= ~repeat
-    stats["dropped"] = {"repeats": int((~keep).sum()), "short_sessions": 0, "rare_items": 0}
-
-    # 3. Iterative filtering until nothing changes. Session lengths and item supports are counted once and
-    #    then kept up to date by subtracting the (few) rows each step drops; a step reads every row only
-    #    when some session or item is below its threshold.
-    lengths = np.bincount(s_codes[keep], minlength=n_sessions) if build.drop_repeats else sessions_in
-    supports = np.bincount(i_codes[keep], minlength=n_items) if build.drop_repeats else items_in
-    iterations = 0
-    while build.min_session_length or build.min_item_support:
-        iterations += 1
-        changed = False
-        if build.min_session_length:
-            bad = _drop_rows(keep, s_codes, (lengths > 0) & (lengths < build.min_session_length))
-            if bad is not None:
-                stats["dropped"]["short_sessions"] += len(bad)
-                lengths[s_codes[bad]] = 0
-                supports -= np.bincount(i_codes[bad], minlength=n_items)
-                changed = True
-        if build.min_item_support:
-            bad = _drop_rows(keep, i_codes, (supports > 0) & (supports < build.min_item_support))
-            if bad is not None:
-                stats["dropped"]["rare_items"] += len(bad)
-                supports[i_codes[bad]] = 0
-                lengths -= np.bincount(s_codes[bad], minlength=n_sessions)
-                changed = True
-        if not changed:
-            break
-    stats["filter_iterations"] = iterations
-    if not keep.any():
-        raise InputError(
-            f"no events left after filtering (min_session_length={build.min_session_length}, "
-            f"min_item_support={build.min_item_support}); lower the thresholds or give more data"
-        )
-    stats["after_filtering"] = {
-        "events": int(np.count_nonzero(keep)),
-        "sessions": int(np.count_nonzero(lengths)),
-        "items": int(np.count_nonzero(supports)),
-    }
-
-    # 4. Temporal split on each session's last event.
-    tmax = int(ts[keep].max())
-    session_end = np.full(n_sessions, np.iinfo(np.int64).min, dtype=np.int64)
-    np.maximum.at(session_end, s_codes[keep], ts[keep])
-    test_start = tmax - int(round(build.test_days * DAY_US)) if build.test_days > 0 else None
-    test_session = session_end >= test_start if test_start is not None else np.zeros(n_sessions, dtype=bool)
-    train_full = keep & ~test_session[s_codes]
-    valid_start = None
-    valid_session = np.zeros(n_sessions, dtype=bool)
-    if build.valid_days > 0 and train_full.any():
-        valid_start = int(ts[train_full].max()) - int(round(build.valid_days * DAY_US))
-        valid_session = (session_end >= valid_start) & ~test_session
-    train_rows = train_full & ~valid_session[s_codes]
-    if not train_rows.any():
-        raise InputError(
-            f"the train split is empty: every session ends within the last {build.test_days} + {build.valid_days} days; "
-            "use shorter windows or more days of data"
-        )
-    stats["split_times"] = {"latest_event": _iso(tmax), "test_start": _iso(test_start), "valid_start": _iso(valid_start)}
-
-    # 5. Item index on train (order of first appearance), popularity counts.
-    train_items = i_codes[train_rows]
-    first_seen = np.full(n_items, len(train_items), dtype=np.int64)
-    np.minimum.at(first_seen, train_items, np.arange(len(train_items), dtype=np.int64))
-    seen = np.flatnonzero(first_seen < len(train_items))
-    by_appearance = seen[np.argsort(first_seen[seen], kind="stable")]
-    item_idx = np.full(n_items, -1, dtype=np.int32)
-    item_idx[by_appearance] = np.arange(len(by_appearance), dtype=np.int32)
-    counts = np.bincount(item_idx[train_items], minlength=len(by_appearance)).astype(np.int64)
-
-    def held_out(session_mask: np.ndarray, name: str) -> np.ndarray:
-        rows = keep & session_mask[s_codes]
-        known = rows & (item_idx[i_codes] >= 0)
-        lengths = np.bincount(s_codes[known], minlength=n_sessions)
-        final = known & (lengths[s_codes] >= 2)
-        stats["dropped"][f"{name}_unknown_items"] = int((rows & ~known).sum())
-        stats["dropped"][f"{name}_short_sessions"] = int((known & ~final).sum())
-        return final
-
-    masks = {"train": train_rows, "valid": held_out(valid_session, "valid"), "test": held_out(test_session, "test")}
-    tables: dict[str, pa.Table] = {}
-    for split, mask in masks.items():
-        rows = np.flatnonzero(mask)
-        s, i, t = s_codes[rows], i_codes[rows], ts[rows]
-        resort = _reorder_blocks(s, t, s_dict)
-        if resort is not None:
-            # Filtering moved some session starts: restore (session start, session id, time) order.
-            s, i, t = s[resort], i[resort], t[resort]
-        tables[split] = pa.table(
-            [s_dict.take(pa.array(s)), i_dict.take(pa.array(i)), pa.array(t).cast(TIMESTAMP_TYPE), pa.array(item_idx[i])],
-            schema=SPLIT_SCHEMA,
-        )
-        stats[split] = {**_summary(s, i), "start": _iso(int(t.min()) if len(t) else None), "end": _iso(int(t.max()) if len(t) else None)}
-    items = pa.table(
-        [pa.array(np.arange(len(by_appearance), dtype=np.int32)), i_dict.take(pa.array(by_appearance)), pa.array(counts)],
-        schema=ITEMS_SCHEMA,
-    )
     return Splits(tables["train"], tables["valid"], tables["test"], items, stats)
 
 
@@ -330,53 +641,134 @@ def build_splits(events: pa.Table, build: BuildConfig | None = None) -> Splits:
 # I/O
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, **PARQUET_OPTIONS)
-    return sink.getvalue().to_pybytes()
+class _ParquetSink:
+    """Split files written as the rows come, in row groups of exactly ``ROW_GROUP`` rows (so the bytes do not
+    depend on how the rows arrived), into a local folder."""
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.writers: dict[str, pq.ParquetWriter] = {}
+        self.pending: dict[str, list[pa.Table]] = {}
+        self.groups: dict[str, int] = {}
+
+    def write(self, name: str, table: pa.Table) -> None:
+        if name not in self.writers:
+            path = os.path.join(self.folder, f"{name}.parquet")
+            self.writers[name] = pq.ParquetWriter(path, table.schema, **PARQUET_OPTIONS)
+            self.pending[name] = []
+            self.groups[name] = 0
+        pending = self.pending[name]
+        pending.append(table)
+        rows = sum(t.num_rows for t in pending)
+        while rows >= ROW_GROUP:
+            joined = pa.concat_tables(pending)
+            self.writers[name].write_table(joined.slice(0, ROW_GROUP), row_group_size=ROW_GROUP)
+            pending[:] = [joined.slice(ROW_GROUP)]
+            self.groups[name] += 1
+            rows -= ROW_GROUP
+
+    def close(self) -> dict[str, str]:
+        """Flush and close every file; their local paths by name (every split, empty ones too)."""
+        for name in (*SPLITS, "items"):
+            if name not in self.writers:
+                self.write(name, (ITEMS_SCHEMA if name == "items" else SPLIT_SCHEMA).empty_table())
+        for name, writer in self.writers.items():
+            rest = pa.concat_tables(self.pending[name])
+            if rest.num_rows or self.groups[name] == 0:
+                writer.write_table(rest, row_group_size=ROW_GROUP)
+            writer.close()
+        return {name: os.path.join(self.folder, f"{name}.parquet") for name in self.writers}
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _put_file(local: str, uri: str) -> None:
+    """Move a finished local file to ``uri`` (a rename when local, a streamed upload to S3)."""
+    if storage.is_s3(uri):
+        fs, path = storage.resolve(uri)
+        pafs.copy_files(local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+        os.remove(local)
+    else:
+        os.makedirs(os.path.dirname(uri), exist_ok=True)
+        shutil.move(local, uri)
 
 
 def _resolve_inputs(inputs: Sequence[str]) -> list[str]:
-    """Validation output folders stand for their clean rows; a failed validation is refused."""
+    """Validation output folders stand for the clean files their report lists; a failed validation is refused."""
+    from pipeline.validate import (
+        clean_files,
+    )  # no Great Expectations import: clean_files only reads the report
+
     out = []
     for uri in inputs:
-        report_uri = storage.join(uri, VALIDATION_REPORT)
-        if storage.is_dir(uri) and storage.exists(report_uri):
-            report = storage.read_json(report_uri)
-            if not report.get("success"):
-                raise InputError(f"{uri} holds a failed validation (see {report_uri}); fix the input and re-validate")
-            out.append(storage.join(uri, "clean"))
+        if storage.is_dir(uri) and storage.exists(storage.join(uri, VALIDATION_REPORT)):
+            files = clean_files(uri)
+            if not files:
+                raise InputError(f"{uri}: the validation kept no clean rows; nothing to build from")
+            out.extend(files)
         else:
             out.append(uri)
     return out
 
 
-def write_dataset(splits: Splits, out_dir: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the splits and the manifest under a temporary name, then publish them as ``out_dir``."""
+class _NeedsSessions(Exception):
+    """A user-only log: sessions must be derived over all files at once."""
+
+
+def _read_parts(files: Sequence[str], ingest: IngestConfig) -> Iterator[tuple[str, pa.Table]]:
+    """One file at a time (the next one decoded meanwhile): memory holds at most two files' events."""
+    columns = [SESSION_ID, ITEM_ID, TIMESTAMP]
+
+    def read(uri: str) -> ingest_mod.FileRead:
+        return ingest_mod.read_file(uri, ingest, strict=True, columns=columns, dictionary_items=True)
+
+    with ThreadPoolExecutor(max_workers=READ_AHEAD + 1) as pool:
+        pending = [pool.submit(read, uri) for uri in files[: READ_AHEAD + 1]]
+        for n, uri in enumerate(ingest_mod.progress(files, "building", total=len(files))):
+            result = pending.pop(0).result()
+            if n + READ_AHEAD + 1 < len(files):
+                pending.append(pool.submit(read, files[n + READ_AHEAD + 1]))
+            if result.needs_sessions:
+                for future in pending:
+                    future.cancel()
+                raise _NeedsSessions
+            yield uri, result.table.select(columns)
+
+
+def _commit(
+    out_dir: str, paths: dict[str, str], stats: dict[str, Any], extra: dict[str, Any]
+) -> dict[str, Any]:
+    """Publish the finished local files (named by content) and the manifest as the dataset ``out_dir``."""
     files: dict[str, dict[str, Any]] = {}
     with storage.staged_dir(out_dir, MANIFEST) as tmp:
-        tables = splits.tables()
-        with ThreadPoolExecutor(max_workers=len(tables)) as pool:  # encoding releases the GIL
-            encoded = dict(zip(tables, pool.map(_parquet_bytes, tables.values()), strict=True))
-        for name, table in tables.items():
-            data = encoded.pop(name)
-            path = f"{name}/{PART}"
-            storage.write_bytes(storage.join(tmp, name, PART), data)
-            files[name] = {"path": path, "rows": table.num_rows, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-        fingerprint = hashlib.sha256("".join(f"{k}:{v['sha256']}\n" for k, v in sorted(files.items())).encode()).hexdigest()
+        for name, path in sorted(paths.items()):
+            sha = _sha256_file(path)
+            relative = f"{name}/part-{sha[:16]}.parquet"
+            rows = pq.ParquetFile(path).metadata.num_rows
+            files[name] = {"path": relative, "rows": rows, "bytes": os.path.getsize(path), "sha256": sha}
+            _put_file(path, storage.join(tmp, *relative.split("/")))
+        fingerprint = hashlib.sha256(
+            "".join(f"{k}:{v['sha256']}\n" for k, v in sorted(files.items())).encode()
+        )
         manifest = {
             "kind": "gru4rec-pipeline/session-dataset",
             "schema_version": DATASET_SCHEMA_VERSION,
-            "fingerprint": f"sha256:{fingerprint}",
+            "fingerprint": f"sha256:{fingerprint.hexdigest()}",
             "files": files,
             "columns": {"splits": SPLIT_SCHEMA.names, "items": ITEMS_SCHEMA.names},
-            "counts": {k: splits.stats[k] for k in ("input", "after_filtering", "train", "valid", "test")}
-            | {"dropped": splits.stats["dropped"], "filter_iterations": splits.stats["filter_iterations"]},
-            "time_ranges": {k: {"start": splits.stats[k]["start"], "end": splits.stats[k]["end"]} for k in SPLITS},
-            "split_times": splits.stats["split_times"],
+            "counts": {k: stats[k] for k in ("input", "after_filtering", *SPLITS)}
+            | {"dropped": stats["dropped"], "filter_iterations": stats["filter_iterations"]},
+            "time_ranges": {k: {"start": stats[k]["start"], "end": stats[k]["end"]} for k in SPLITS},
+            "split_times": stats["split_times"],
             "pipeline_version": __version__,
             "created_at": dt.datetime.now(dt.UTC).isoformat().replace("+00:00", "Z"),
-            **(extra or {}),
+            **extra,
         }
         storage.write_json(storage.join(tmp, MANIFEST), manifest)
     return manifest
@@ -395,48 +787,80 @@ def build_dataset(
     ingest = ingest or IngestConfig()
     build = build or BuildConfig()
     check_config(build)
+    ingest_mod.check_config(ingest)
     storage.check_disjoint(inputs, out_dir)
     resolved = _resolve_inputs(inputs)
-    events = ingest_mod.read_events(resolved, ingest, columns=[SESSION_ID, ITEM_ID, TIMESTAMP], dictionary_items=True)
-    log.info("building from %d events", events.num_rows)
-    splits = build_splits(events, build)
-    del events
-    manifest = write_dataset(
-        splits,
-        out_dir,
-        {"inputs": [storage.normalize(u) for u in resolved], "config": {"ingest": to_dict(ingest), "build": to_dict(build)}},
-    )
+    files = storage.expand(resolved)
+    # Parquet goes to a local folder first (written in row groups, hashed), then into place by its hash.
+    with tempfile.TemporaryDirectory(prefix="pipeline-build-", dir=build.spill_dir or None) as local:
+        try:
+            sink = _ParquetSink(local)
+            items, stats = _run_build(_read_parts(files, ingest), build, sink.write)
+        except _NeedsSessions:
+            log.info(
+                "user-only log: deriving sessions over all %d files at once (validate does it per day)",
+                len(files),
+            )
+            events = ingest_mod.read_events(
+                resolved, ingest, columns=[SESSION_ID, ITEM_ID, TIMESTAMP], dictionary_items=True
+            )
+            sink = _ParquetSink(local)
+            items, stats = _run_build([("events", events)], build, sink.write)
+            del events
+        sink.write("items", items)
+        extra = {
+            "inputs": [storage.normalize(u) for u in resolved],
+            "config": {"ingest": to_dict(ingest), "build": to_dict(build)},
+        }
+        manifest = _commit(out_dir, sink.close(), stats, extra)
     log.info(
         "dataset %s: train %d / valid %d / test %d events, %d items",
-        out_dir, splits.train.num_rows, splits.valid.num_rows, splits.test.num_rows, splits.items.num_rows,
+        out_dir, stats["train"]["events"], stats["valid"]["events"], stats["test"]["events"], items.num_rows,
     )  # fmt: skip
     return manifest
+
+
+def write_dataset(splits: Splits, out_dir: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write in-memory splits (from :func:`build_splits`) as a dataset at ``out_dir`` (tests, notebooks)."""
+    with tempfile.TemporaryDirectory(prefix="pipeline-build-") as local:
+        sink = _ParquetSink(local)
+        for name, table in splits.tables().items():
+            sink.write(name, table)
+        return _commit(out_dir, sink.close(), splits.stats, extra or {})
 
 
 def read_manifest(dataset_uri: str) -> dict[str, Any]:
     """The manifest of a committed dataset (an error when there is none: not a dataset, or not committed)."""
     uri = storage.join(dataset_uri, MANIFEST)
     if not storage.exists(uri):
-        raise InputError(f"{dataset_uri} is not a session dataset: no {MANIFEST} (missing, or never committed)")
+        raise InputError(
+            f"{dataset_uri} is not a session dataset: no {MANIFEST} (missing, or never committed)"
+        )
     return storage.read_json(uri)
 
 
 def read_split(dataset_uri: str, split: str) -> pa.Table:
-    """One split (``train``, ``valid``, ``test``) or the ``items`` map of a committed dataset."""
+    """One split (``train``, ``valid``, ``test``) or the ``items`` map of a committed dataset.
+
+    Follows the manifest (:func:`pipeline.storage.read_committed`): should a newer version be published while
+    the file is read, the new manifest is read and its file instead.
+    """
     if split not in (*SPLITS, "items"):
         raise InputError(f"unknown split {split!r}; one of {', '.join((*SPLITS, 'items'))}")
-    manifest = read_manifest(dataset_uri)
-    try:
-        relative = manifest["files"][split]["path"]
-    except (KeyError, TypeError):
-        raise InputError(
-            f"{storage.join(dataset_uri, MANIFEST)} lists no file for split {split!r} (files.{split}.path): "
-            "written by another tool or version? Rebuild the dataset with `python -m pipeline build`"
-        ) from None
-    fs, path = storage.resolve(storage.join(dataset_uri, relative))
-    try:
+    read_manifest(dataset_uri)  # the "not a session dataset" error first
+
+    def read(manifest: dict[str, Any]) -> pa.Table:
+        try:
+            relative = manifest["files"][split]["path"]
+        except (KeyError, TypeError):
+            raise InputError(
+                f"{storage.join(dataset_uri, MANIFEST)} lists no file for split {split!r} (files.{split}.path): "
+                "written by another tool or version? Rebuild the dataset with `python -m pipeline build`"
+            ) from None
+        fs, path = storage.resolve(storage.join(dataset_uri, relative))
         return pq.read_table(path, filesystem=fs)
+
+    try:
+        return storage.read_committed(dataset_uri, MANIFEST, read)
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputError(f"cannot read split {split} of {dataset_uri}: {exc}") from None
-
-

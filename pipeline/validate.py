@@ -2,10 +2,17 @@
 
 ``validate(inputs, out_dir)`` writes, all-or-nothing (``report.json`` last)::
 
-    DIR/report.json                    success, counts, per-batch and per-expectation results
-    DIR/clean/part-NNNNN.parquet       rows that passed, canonical schema, input order (one file per batch)
-    DIR/quarantine/part-NNNNN.parquet  rows that failed a row rule: canonical columns + reason, source, source_row
-    DIR/data_docs/index.html           GX Data Docs of every batch
+    DIR/report.json                         success, counts, per-batch and per-expectation results
+    DIR/clean/part-NNNNN-HASH.parquet       rows that passed, canonical schema, input order (one per batch)
+    DIR/quarantine/part-NNNNN-HASH.parquet  rows that failed a row rule: canonical columns + reason, source,
+                                            source_row
+    DIR/data_docs/index.html                GX Data Docs of every batch
+
+``NNNNN`` is the batch index (listing order = batch order) and ``HASH`` the first 16 hex digits of the
+file's sha256 (:func:`pipeline.storage.content_name`): a name never changes its bytes, so a reader that
+follows ``report.json`` (see :func:`clean_files`) reads one complete version even while a new one is being
+published on S3. Each batch entry of the report names its files (``clean``, ``quarantine``); those are the
+only data files of the output.
 
 A batch is one ``dt=YYYY-MM-DD`` folder or one other file; batches are validated in worker processes (one
 partition in memory per worker), results are gathered here. Row-level failures are quarantined and the clean
@@ -292,10 +299,14 @@ def _empty_frame(n: int) -> Any:
     return pd.DataFrame(index=pd.RangeIndex(n))
 
 
-def _write_parquet(table: pa.Table, uri: str) -> None:
-    fs, path = storage.resolve(uri)
-    storage.makedirs(storage.parent(uri))
-    pq.write_table(table, path, filesystem=fs, **PARQUET_OPTIONS)
+def _write_part(table: pa.Table, out_dir: str, folder: str, index: int) -> str:
+    """Write a batch's rows to ``FOLDER/part-<index>-<hash>.parquet`` under ``out_dir``; returns that path."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **PARQUET_OPTIONS)  # encoded first: the name carries the hash of the bytes
+    data = sink.getvalue().to_pybytes()
+    relative = f"{folder}/{storage.content_name(f'part-{index:05d}', data, '.parquet')}"
+    storage.write_bytes(storage.join(out_dir, relative), data)
+    return relative
 
 
 def _describe_failure(where: str, result: Any) -> str:
@@ -421,7 +432,6 @@ def _validate_batch(task: BatchTask) -> BatchOutcome:
         fail(f"{where}: rule quarantine_share failed: {n_bad} of {n} rows ({share:.2%}) failed row rules "
              f"{entry['quarantine_reasons']}, above max_quarantine_share {task.validation.max_quarantine_share:.2%}")  # fmt: skip
     canonical = table.select(EVENT_SCHEMA.names)
-    part = f"part-{task.index:05d}.parquet"
     if n_bad:
         rows_in_file = np.concatenate([np.arange(r.table.num_rows, dtype=np.int64) for r in reads])
         file_of_row = np.concatenate([np.full(r.table.num_rows, i, dtype=np.int32) for i, r in enumerate(reads)])
@@ -429,14 +439,15 @@ def _validate_batch(task: BatchTask) -> BatchOutcome:
         quarantined = quarantined.append_column("reason", reasons)
         quarantined = quarantined.append_column("source", pa.array(list(batch.files)).take(pa.array(file_of_row[bad])))
         quarantined = quarantined.append_column("source_row", pa.array(rows_in_file[bad]))
-        _write_parquet(quarantined.cast(QUARANTINE_SCHEMA), storage.join(task.out_dir, QUARANTINE, part))
-        entry["quarantine"] = f"{QUARANTINE}/{part}"
+        quarantined = quarantined.cast(QUARANTINE_SCHEMA)
+        entry["quarantine"] = _write_part(quarantined, task.out_dir, QUARANTINE, task.index)
         entry["rows_quarantined"] = n_bad
     if outcome.failures:
         entry.update(status="failed", rows_rejected=n - n_bad)
         return outcome
-    _write_parquet(canonical.filter(pa.array(~bad)) if n_bad else canonical, storage.join(task.out_dir, CLEAN, part))
-    entry.update(status="passed", rows_valid=n - n_bad, clean=f"{CLEAN}/{part}")
+    passed = canonical.filter(pa.array(~bad)) if n_bad else canonical
+    clean = _write_part(passed, task.out_dir, CLEAN, task.index)
+    entry.update(status="passed", rows_valid=n - n_bad, clean=clean)
     return outcome
 
 
@@ -637,3 +648,22 @@ def _report(
 def clean_uri(out_dir: str) -> str:
     """Where the clean rows of a validation output live (the input of ``build``)."""
     return storage.join(out_dir, CLEAN)
+
+
+def clean_files(validation_dir: str) -> list[str]:
+    """The clean files of a committed, successful validation output, in batch order (the input of ``build``).
+
+    Follows ``report.json`` rather than listing ``clean/``: on S3 a listing taken while a new version is
+    being published may hold both versions' files. Batches without clean rows are skipped, so the list may
+    be empty. A missing report or a failed validation is an :class:`InputError` naming the report.
+    """
+    report_uri = storage.join(validation_dir, REPORT)
+    if not storage.exists(report_uri):
+        raise InputError(f"{validation_dir} is not a validation output: no {REPORT} (missing or uncommitted)")
+    report = storage.read_json(report_uri)
+    if not report.get("success"):
+        raise InputError(
+            f"{validation_dir} holds a failed validation (see {report_uri}); fix the input and re-validate"
+        )
+    batches = sorted(report.get("batches") or [], key=lambda b: b["index"])
+    return [storage.join(validation_dir, b[CLEAN]) for b in batches if b.get(CLEAN) and b.get("rows_valid")]

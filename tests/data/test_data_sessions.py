@@ -147,3 +147,84 @@ def test_yoochoose_union_split_back_into_its_parts(yoochoose, tmp_path: Path) ->
         assert got.session_id.tolist() == want.SessionId.tolist()
         assert got.item_id.tolist() == want.ItemId.tolist()
         assert got.timestamp.astype("int64").tolist() == want.us.tolist()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded memory: a build over budget works a bucket of sessions at a time, spilled to disk, same bytes
+
+
+@pytest.fixture
+def tiny_buckets(monkeypatch: pytest.MonkeyPatch) -> BuildConfig:
+    """A 1 MB budget with each event counted as 56 KB: buckets of ~18 events, everything spilled to disk."""
+    monkeypatch.setattr(sessions, "BYTES_PER_ROW", 56 * 1000)
+    return BuildConfig(memory_budget_mb=1)
+
+
+def _bucketed(config: BuildConfig, tiny: BuildConfig) -> BuildConfig:
+    return BuildConfig(**{**config.__dict__, "memory_budget_mb": tiny.memory_budget_mb})
+
+
+def test_session_moved_by_filtering_crosses_buckets(events, tiny_buckets: BuildConfig, caplog) -> None:
+    # "a" starts first, but its first event is a rare item: without it, "a" starts after every "b<k>".
+    rows = [("a", "rare", at(0)), ("a", "x", at(50)), ("a", "y", at(51))]
+    rows += [(f"b{k:02d}", item, at(1 + k + j / 10)) for k in range(30) for j, item in enumerate(("x", "y"))]
+    config = BuildConfig(test_days=0, valid_days=0, min_session_length=2, min_item_support=2)
+    expected = [f"b{k:02d}" for k in range(30) for _ in range(2)] + ["a", "a"]
+    in_memory = sessions.build_splits(events(rows), config)
+    with caplog.at_level("INFO", logger="pipeline.sessions"):
+        bucketed = sessions.build_splits(events(rows), _bucketed(config, tiny_buckets))
+    assert "buckets" in caplog.text and "spilled" in caplog.text  # it really ran in several buckets, on disk
+    assert in_memory.train.column("session_id").to_pylist() == expected
+    assert bucketed.train.equals(in_memory.train) and bucketed.items.equals(in_memory.items)
+    assert bucketed.stats == in_memory.stats
+
+
+def test_bucketed_build_writes_the_same_bytes(
+    tmp_path: Path, write_partition, good_day, tree_digest, tiny_buckets: BuildConfig
+) -> None:
+    """Sessions spanning files, repeats, out-of-order times, filtering: same files whatever the budget."""
+    raw = tmp_path / "clicks"
+    for d in (10, 11, 12):
+        day = dt.date(2024, 3, d)
+        rows = good_day(day, prefix=f"d{d}-")
+        if d < 12:  # one session across the first two files, each event repeated
+            rows += [("night", f"i{d % 3}", dt.datetime(2024, 3, d, 23, 59, tzinfo=dt.UTC))] * 2
+        write_partition(rows[::-1] if d == 11 else rows, day, root=raw)  # one file out of time order
+    config = BuildConfig(test_days=1, valid_days=1, min_session_length=2, min_item_support=3, drop_repeats=True)
+    plain = sessions.build_dataset([str(raw)], str(tmp_path / "plain"), build=config)
+    bucketed = sessions.build_dataset([str(raw)], str(tmp_path / "bucketed"), build=_bucketed(config, tiny_buckets))
+    assert plain["files"] == bucketed["files"] and plain["counts"] == bucketed["counts"]
+    digest = tree_digest(tmp_path / "plain")
+    assert {k: v for k, v in tree_digest(tmp_path / "bucketed").items() if k != "manifest.json"} == {
+        k: v for k, v in digest.items() if k != "manifest.json"
+    }
+    assert plain["counts"]["dropped"]["repeats"] > 0 and plain["counts"]["test"]["events"] > 0
+    night = [r for split in ("train", "valid", "test") for r in rows_of(sessions.read_split(str(tmp_path / "plain"), split))]
+    assert [r for r in night if r[0] == "night"] == [("night", "i1"), ("night", "i2")]  # one session, repeats gone
+    # Data files are named by their content, and the manifest lists exactly the files there are.
+    for entry in plain["files"].values():
+        assert entry["path"].endswith(f"-{entry['sha256'][:16]}.parquet")
+    assert sorted(k for k in digest if k != "manifest.json") == sorted(e["path"] for e in plain["files"].values())
+
+
+def test_yoochoose_bucketed_equals_in_memory(yoochoose, tmp_path: Path, tiny_buckets: BuildConfig, tree_digest) -> None:
+    inputs = [str(yoochoose["train"]), str(yoochoose["valid"])]
+    config = BuildConfig(test_days=1, valid_days=1, min_session_length=2, min_item_support=5)
+    sessions.build_dataset(inputs, str(tmp_path / "plain"), build=config)
+    sessions.build_dataset(inputs, str(tmp_path / "bucketed"), build=BuildConfig(**{**config.__dict__, "memory_budget_mb": 400}))  # ~10 buckets
+    without_manifest = lambda p: {k: v for k, v in tree_digest(p).items() if k != "manifest.json"}  # noqa: E731
+    assert without_manifest(tmp_path / "plain") == without_manifest(tmp_path / "bucketed")
+
+
+def test_array_store_spills_over_budget_and_cleans_up(tmp_path: Path) -> None:
+    from pipeline.spill import ArrayStore
+
+    a, b = np.arange(100, dtype=np.int64), np.arange(50, dtype=np.int32)
+    with ArrayStore(budget_bytes=1000, directory=str(tmp_path)) as store:
+        store.put("small", x=b)
+        assert not store.spilled and not any(tmp_path.iterdir())
+        store.put("big", x=a, y=b)  # 1000 bytes in all: over budget, everything goes to disk
+        assert store.spilled and len(list(tmp_path.rglob("*.npy"))) == 3
+        assert np.array_equal(store.get("big")["y"], b) and np.array_equal(store.pop("small")["x"], b)
+        assert store.pop("small") is None and len(list(tmp_path.rglob("*.npy"))) == 2
+    assert not any(tmp_path.iterdir())  # the spill folder is gone

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import sessions
+from pipeline import sessions, storage
 from pipeline import validate as validate_module
 from pipeline.cli import main as cli
 from pipeline.config import BuildConfig, IngestConfig, ValidationConfig
@@ -31,8 +34,18 @@ def read(path: Path) -> pa.Table:
     return pq.read_table(path)
 
 
+def listed(out: Path, kind: str, batch: int = 0) -> Path:
+    """The ``clean`` or ``quarantine`` file that report.json lists for a batch."""
+    return out / json.loads((out / "report.json").read_text())["batches"][batch][kind]
+
+
+def data_files(out: Path) -> list[str]:
+    """Every file under clean/ and quarantine/, relative to ``out``."""
+    return sorted(str(p.relative_to(out)) for kind in ("clean", "quarantine") for p in (out / kind).glob("*"))
+
+
 def reasons(out: Path) -> list[tuple[str, str]]:
-    q = read(out / "quarantine" / "part-00000.parquet")
+    q = read(listed(out, "quarantine"))
     return sorted(zip(q.column("item_id").to_pylist(), q.column("reason").to_pylist(), strict=True), key=str)
 
 
@@ -44,7 +57,8 @@ def test_clean_batch_passes_and_writes_everything(tmp_path: Path, write_partitio
     assert report["rows_in"] == report["rows_valid"] == 160 and report["rows_quarantined"] == 0
     out = tmp_path / "out"
     assert json.loads((out / "report.json").read_text())["rows_valid"] == 160
-    assert read(out / "clean" / "part-00000.parquet").num_rows == 160
+    assert read(listed(out, "clean")).num_rows == 160
+    assert data_files(out) == [report["batches"][0]["clean"]]  # the report lists every data file
     assert not (out / "quarantine").exists()
     assert (out / "data_docs" / "index.html").exists()
     assert list((out / "data_docs" / "validations").rglob("*.html"))
@@ -82,9 +96,9 @@ def test_row_rules_quarantine_with_reasons(tmp_path: Path, write_partition, good
         "null_session_id": 1, "null_item_id": 1, "null_timestamp": 1, "timestamp_window": 2,
         "duplicate_event": 1, "session_order": 1, "session_length": 8,
     }  # fmt: skip
-    clean = read(tmp_path / "out" / "clean" / "part-00000.parquet")
+    clean = read(listed(tmp_path / "out", "clean"))
     assert clean.num_rows == 160 and clean.column("session_id").null_count == 0
-    q = read(tmp_path / "out" / "quarantine" / "part-00000.parquet")
+    q = read(listed(tmp_path / "out", "quarantine"))
     assert set(q.column("source").to_pylist()) == {str(part / "events.parquet")}
     assert q.column("source_row").to_pylist()[0] == 160  # row numbers point into the raw file
     assert tree_digest(part) == before
@@ -115,13 +129,39 @@ def test_generated_corruption_is_quarantined_exactly(tmp_path: Path) -> None:
 
 
 def test_reruns_are_byte_identical(tmp_path: Path, write_partition, good_day, tree_digest) -> None:
-    part = write_partition(good_day() + [("s1", "dup", utc(2))] * 2)
-    validate([str(part)], str(tmp_path / "a"), validation=LENIENT)
-    validate([str(part)], str(tmp_path / "b"), validation=LENIENT)
+    folder = write_partition(good_day() + [("s1", "dup", utc(2))] * 2)
+    validate([str(folder)], str(tmp_path / "a"), validation=LENIENT)
+    report = validate([str(folder)], str(tmp_path / "b"), validation=LENIENT)
     a, b = tree_digest(tmp_path / "a"), tree_digest(tmp_path / "b")
-    assert {k: v for k, v in a.items() if k.startswith(("clean", "quarantine"))} == {
-        k: v for k, v in b.items() if k.startswith(("clean", "quarantine"))
-    }
+    data = {k: v for k, v in a.items() if k.startswith(("clean", "quarantine"))}
+    assert data == {k: v for k, v in b.items() if k.startswith(("clean", "quarantine"))}  # same names, bytes
+    # Each data file is named by its batch and its content: part-<batch>-<first 16 hex of its sha256>.parquet.
+    batch = report["batches"][0]
+    assert sorted(data) == sorted([batch["clean"], batch["quarantine"]]) == data_files(tmp_path / "b")
+    for relative, digest in data.items():
+        assert Path(relative).name == f"part-00000-{digest[:16]}.parquet"
+
+
+def test_clean_files_follow_the_report(tmp_path: Path, write_partition, good_day) -> None:
+    root = tmp_path / "clicks"
+    days = [DAY, DAY + dt.timedelta(days=1), DAY + dt.timedelta(days=2)]
+    for day in days:
+        write_partition(good_day(day), day, root=root)
+    out = tmp_path / "val"
+    validate([str(root)], str(out))
+    # A stray file in clean/ (say, of an older version still being deleted on S3) is not an input.
+    (out / "clean" / "part-00000-0000000000000000.parquet").write_bytes(b"stale")
+    files = validate_module.clean_files(str(out))
+    assert files == [str(listed(out, "clean", i)) for i in range(3)]
+    assert [Path(f).name[:10] for f in files] == ["part-00000", "part-00001", "part-00002"]  # batch order
+    assert sum(pq.read_metadata(f).num_rows for f in files) == 3 * 160
+    with pytest.raises(InputError, match=r"not a validation output: no report\.json"):
+        validate_module.clean_files(str(tmp_path / "clicks"))
+    # Reading the report must not import Great Expectations (seconds of start-up for every build).
+    code = "import sys; from pipeline import validate as v; v.clean_files(sys.argv[1]); print(*sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code, str(out)], check=True, capture_output=True, text=True)
+    loaded = run.stdout
+    assert "pipeline.validate" in loaded and "great_expectations" not in loaded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +183,7 @@ def test_quarantine_share_above_threshold_fails(tmp_path: Path, write_partition,
     report = _fails(tmp_path, [str(part)], r"dt=2024-03-10/events.parquet: rule quarantine_share failed: 5 of 165 rows \(3.03%\)")
     assert report["rows_quarantined"] == 5 and report["rows_rejected"] == 160 and report["rows_valid"] == 0
     assert not (tmp_path / "out" / "clean").exists()  # a failed batch passes nothing on
-    assert read(tmp_path / "out" / "quarantine" / "part-00000.parquet").num_rows == 5
+    assert read(listed(tmp_path / "out", "quarantine")).num_rows == 5
 
 
 def test_missing_column_fails(tmp_path: Path) -> None:
@@ -210,7 +250,10 @@ def test_one_bad_batch_does_not_hide_the_others(tmp_path: Path, write_partition,
                     DAY + dt.timedelta(days=1), root=root)  # fmt: skip
     report = _fails(tmp_path, [str(root)], "dt=2024-03-11/events.parquet: rule quarantine_share")
     assert [b["status"] for b in report["batches"]] == ["passed", "failed"]
-    assert report["rows_valid"] == 160 and (tmp_path / "out" / "clean" / "part-00000.parquet").exists()
+    assert report["rows_valid"] == 160 and listed(tmp_path / "out", "clean").exists()
+    assert "clean" not in report["batches"][1] and data_files(tmp_path / "out") == [
+        report["batches"][0]["clean"], report["batches"][1]["quarantine"]
+    ]  # fmt: skip
 
 
 def test_diginetica_sample_ingest_validate_build(diginetica, tmp_path: Path) -> None:
@@ -238,6 +281,9 @@ def test_build_refuses_a_failed_validation(tmp_path: Path, write_partition, good
         validate([str(part)], str(tmp_path / "val"))
     with pytest.raises(InputError, match="holds a failed validation"):
         sessions.build_dataset([str(tmp_path / "val")], str(tmp_path / "ds"))
+    report_uri = storage.join(str(tmp_path / "val"), "report.json")
+    with pytest.raises(InputError, match=re.escape(f"holds a failed validation (see {report_uri})")):
+        validate_module.clean_files(str(tmp_path / "val"))
 
 
 def test_cli_exit_codes_and_contract(tmp_path: Path, write_partition, good_day, capsys) -> None:
