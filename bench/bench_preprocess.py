@@ -232,8 +232,8 @@ def _compare(a: Path, b: Path) -> list[str]:
     problems = []
     for name in ("train", "valid", "test", "items"):
         schema = ITEMS_SCHEMA if name == "items" else SPLIT_SCHEMA
-        ta = pq.read_table(a / name / "part-0.parquet").select(schema.names).cast(schema)
-        tb = pq.read_table(b / name / "part-0.parquet").select(schema.names).cast(schema)
+        ta = pq.read_table(a / name).select(schema.names).cast(schema)
+        tb = pq.read_table(b / name).select(schema.names).cast(schema)
         if not ta.equals(tb):
             problems.append(f"{name}: {ta.num_rows} vs {tb.num_rows} rows differ")
     return problems

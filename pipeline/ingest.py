@@ -384,9 +384,9 @@ def _schema_like(table: pa.Table) -> pa.Schema:
     return pa.schema(fields)
 
 
-def encode_items(table: pa.Table) -> pa.Table:
-    """The table with item_id dictionary-encoded (``dictionary<int32, string>``)."""
-    for name in (ITEM_ID,):
+def encode_ids(table: pa.Table) -> pa.Table:
+    """The table with session_id and item_id dictionary-encoded (``dictionary<int32, string>``)."""
+    for name in (SESSION_ID, ITEM_ID):
         if name in table.column_names and not pa.types.is_dictionary(table.schema.field(name).type):
             encoded = pc.dictionary_encode(table.column(name)).cast(ID_DICTIONARY)
             table = table.set_column(table.schema.get_field_index(name), name, encoded)
@@ -634,7 +634,7 @@ def _generic(
         if name == SESSION_ID and get(name) is None and has_users:
             columns[name] = None  # sessionized from user ids
             continue
-        keep = keep_dictionary and name == ITEM_ID
+        keep = keep_dictionary
         columns[name] = _convert_id(uri, name, src[name] or ALIASES[name][0], get(name), problems, keep)
     columns[TIMESTAMP] = _convert_time(uri, src[TIMESTAMP] or TIMESTAMP, get(TIMESTAMP), config.timestamp_unit, problems)
     for name in (USER_ID, EVENT_TYPE):
@@ -666,7 +666,7 @@ def _read_csv_generic(uri: str, head: str, config: IngestConfig) -> FileRead:
     return _generic(uri, "csv", table, config, problems)
 
 
-def _read_parquet(uri: str, config: IngestConfig, columns: Sequence[str] | None, dictionary_items: bool) -> FileRead:
+def _read_parquet(uri: str, config: IngestConfig, columns: Sequence[str] | None, dictionary_ids: bool) -> FileRead:
     fs, path = storage.resolve(uri)
     try:
         with fs.open_input_file(path) as handle:
@@ -680,7 +680,9 @@ def _read_parquet(uri: str, config: IngestConfig, columns: Sequence[str] | None,
             schema = parquet.schema_arrow
             # Ids straight from the Parquet dictionary pages: no string materialization, no re-hashing.
             as_dictionary = [
-                c for c in (src[ITEM_ID],) if dictionary_items and c in read and pa.types.is_string(schema.field(c).type)
+                c
+                for c in (src[SESSION_ID], src[ITEM_ID])
+                if dictionary_ids and c in read and pa.types.is_string(schema.field(c).type)
             ]
             if as_dictionary:
                 handle.seek(0)
@@ -690,7 +692,7 @@ def _read_parquet(uri: str, config: IngestConfig, columns: Sequence[str] | None,
         raise InputError(f"file not found: {uri}") from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{uri}: not a readable Parquet file (truncated or corrupt?): {exc}") from None
-    return _generic(uri, "parquet", table, config, [], keep_dictionary=dictionary_items)
+    return _generic(uri, "parquet", table, config, [], keep_dictionary=dictionary_ids)
 
 
 READERS: dict[str, Callable[[str, str, IngestConfig], FileRead]] = {
@@ -707,16 +709,16 @@ def read_file(
     *,
     strict: bool = True,
     columns: Sequence[str] | None = None,
-    dictionary_items: bool = False,
+    dictionary_ids: bool = False,
 ) -> FileRead:
     """Read one file into canonical events.
 
     ``strict``: raise :class:`InputError` for a missing column or a wrong type (naming file, column and rule);
     otherwise return them in ``problems`` with the column missing or left as found. Unreadable files
     (binary, non-UTF-8, truncated, wrong delimiter, malformed) always raise. ``columns`` limits what is read
-    (Parquet only; a hint, the other formats read their few columns anyway). ``dictionary_items`` returns
-    item_id as ``dictionary<int32, string>`` (same values; straight from Parquet's dictionary pages, which
-    makes large builds cheaper).
+    (Parquet only; a hint, the other formats read their few columns anyway). ``dictionary_ids`` returns
+    session_id and item_id as ``dictionary<int32, string>`` (same values; straight from Parquet's dictionary
+    pages where the file has them, which makes large builds cheaper).
     """
     config = config or IngestConfig()
     check_config(config)
@@ -734,7 +736,7 @@ def read_file(
         head = _sniff(uri)
         fmt_name = fmt_name or detect_format(uri, head)
     if fmt_name == "parquet":
-        result = _read_parquet(uri, config, columns, dictionary_items)
+        result = _read_parquet(uri, config, columns, dictionary_ids)
     else:
         if head.startswith(b"PAR1"):
             raise InputError(f"{uri}: this is a Parquet file, not {fmt_name}; use --format parquet")
@@ -742,8 +744,8 @@ def read_file(
         result = READERS[fmt_name](uri, text, config)
     if strict and result.problems:
         raise InputError(result.problems[0].message())
-    if dictionary_items and not result.problems:
-        result.table = encode_items(result.table)
+    if dictionary_ids and not result.problems:
+        result.table = encode_ids(result.table)
     log.debug("read %s (%s): %d rows", uri, fmt_name, result.table.num_rows)
     return result
 
@@ -796,13 +798,14 @@ def read_events(
     config: IngestConfig | None = None,
     *,
     columns: Sequence[str] | None = None,
-    dictionary_items: bool = False,
+    dictionary_ids: bool = False,
 ) -> pa.Table:
     """Read click logs (files, folders, ``dt=`` partitions; local or S3) into one canonical table.
 
     Rows keep the order of the inputs (files sorted within a folder). User-only logs are sessionized over
     everything read. ``columns`` selects canonical columns (default: all of :data:`EVENT_SCHEMA`).
-    ``dictionary_items``: item_id as ``dictionary<int32, string>`` (chunks may carry different dictionaries).
+    ``dictionary_ids``: session_id and item_id as ``dictionary<int32, string>`` (chunks may carry different
+    dictionaries).
     """
     config = config or IngestConfig()
     check_config(config)
@@ -810,7 +813,7 @@ def read_events(
     tables, sessionize_needed = [], False
 
     def one(uri: str) -> FileRead:
-        return read_file(uri, config, strict=True, columns=columns, dictionary_items=dictionary_items)
+        return read_file(uri, config, strict=True, columns=columns, dictionary_ids=dictionary_ids)
 
     # A few files at a time: decoding releases the GIL, and one file rarely keeps every core busy.
     with ThreadPoolExecutor(max_workers=min(READ_THREADS, max(1, len(files)))) as pool:
@@ -820,8 +823,8 @@ def read_events(
     table = pa.concat_tables(tables) if tables else EVENT_SCHEMA.empty_table()
     if sessionize_needed:
         table = sessionize(decode_ids(table), config.session_gap_minutes)
-        if dictionary_items:
-            table = encode_items(table)
+        if dictionary_ids:
+            table = encode_ids(table)
     if columns is not None:
         unknown = [c for c in columns if c not in CANONICAL_COLUMNS]
         if unknown:

@@ -42,7 +42,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -549,24 +549,23 @@ class _Build:
             perm = _block_order(key)  # a session whose first rows were dropped may start later: move it
             if perm is not None:
                 r, i, t, key = r[perm], i[perm], t[perm], key[perm]
-            for code, piece in enumerate(np.split(np.arange(len(r)), np.searchsorted(key, split_bounds))):
-                if len(piece) == 0:
+            cuts = [0, *np.searchsorted(key, split_bounds).tolist(), len(r)]
+            for code in range(len(SPLITS)):
+                if cuts[code] == cuts[code + 1]:
                     continue
-                items_seen[code, i[piece]] = True
-                times[code] = (
-                    min(times[code, 0], int(t[piece].min())),
-                    max(times[code, 1], int(t[piece].max())),
-                )
-                for lo in range(0, len(piece), ROW_GROUP):
-                    chunk = piece[lo : lo + ROW_GROUP]
+                for lo in range(cuts[code], cuts[code + 1], ROW_GROUP):
+                    rows_ = slice(lo, min(lo + ROW_GROUP, cuts[code + 1]))
+                    items, times_ = i[rows_], t[rows_]
+                    items_seen[code, items] = True
+                    times[code] = min(times[code, 0], int(times_[0])), max(times[code, 1], int(times_.max()))
                     yield (
                         SPLITS[code],
                         pa.table(
                             [
-                                self.scan.s_dict.take(pa.array(self.code_of_rank[r[chunk]])),
-                                self.scan.i_dict.take(pa.array(i[chunk])),
-                                pa.array(t[chunk]).cast(TIMESTAMP_TYPE),
-                                pa.array(self.item_idx[i[chunk]]),
+                                self.scan.s_dict.take(pa.array(self.code_of_rank[r[rows_]])),
+                                self.scan.i_dict.take(pa.array(items)),
+                                pa.array(times_).cast(TIMESTAMP_TYPE),
+                                pa.array(self.item_idx[items]),
                             ],
                             schema=SPLIT_SCHEMA,
                         ),
@@ -643,13 +642,24 @@ def build_splits(events: pa.Table, build: BuildConfig | None = None) -> Splits:
 
 class _ParquetSink:
     """Split files written as the rows come, in row groups of exactly ``ROW_GROUP`` rows (so the bytes do not
-    depend on how the rows arrived), into a local folder."""
+    depend on how the rows arrived), into a local folder. Encoding runs on a second thread (it releases the
+    GIL) while the next rows are assembled; one row group in flight bounds the memory it holds."""
 
     def __init__(self, folder: str) -> None:
         self.folder = folder
         self.writers: dict[str, pq.ParquetWriter] = {}
         self.pending: dict[str, list[pa.Table]] = {}
         self.groups: dict[str, int] = {}
+        self._encoder = ThreadPoolExecutor(max_workers=1)
+        self._in_flight: Future[None] | None = None
+
+    def _encode(self, name: str, table: pa.Table) -> None:
+        if self._in_flight is not None:
+            self._in_flight.result()  # in order, and re-raises an encoding error here
+        self._in_flight = self._encoder.submit(
+            self.writers[name].write_table, table, row_group_size=ROW_GROUP
+        )
+        self.groups[name] += 1
 
     def write(self, name: str, table: pa.Table) -> None:
         if name not in self.writers:
@@ -662,9 +672,8 @@ class _ParquetSink:
         rows = sum(t.num_rows for t in pending)
         while rows >= ROW_GROUP:
             joined = pa.concat_tables(pending)
-            self.writers[name].write_table(joined.slice(0, ROW_GROUP), row_group_size=ROW_GROUP)
+            self._encode(name, joined.slice(0, ROW_GROUP))
             pending[:] = [joined.slice(ROW_GROUP)]
-            self.groups[name] += 1
             rows -= ROW_GROUP
 
     def close(self) -> dict[str, str]:
@@ -672,10 +681,14 @@ class _ParquetSink:
         for name in (*SPLITS, "items"):
             if name not in self.writers:
                 self.write(name, (ITEMS_SCHEMA if name == "items" else SPLIT_SCHEMA).empty_table())
-        for name, writer in self.writers.items():
+        for name in self.writers:
             rest = pa.concat_tables(self.pending[name])
             if rest.num_rows or self.groups[name] == 0:
-                writer.write_table(rest, row_group_size=ROW_GROUP)
+                self._encode(name, rest)
+        if self._in_flight is not None:
+            self._in_flight.result()
+        self._encoder.shutdown()
+        for writer in self.writers.values():
             writer.close()
         return {name: os.path.join(self.folder, f"{name}.parquet") for name in self.writers}
 
@@ -699,22 +712,26 @@ def _put_file(local: str, uri: str) -> None:
         shutil.move(local, uri)
 
 
-def _resolve_inputs(inputs: Sequence[str]) -> list[str]:
-    """Validation output folders stand for the clean files their report lists; a failed validation is refused."""
+def _resolve_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(recorded inputs, files to read)``: a validation output folder stands for the clean files its report
+    lists (recorded as its ``clean/`` folder, beside the report); a failed validation is refused."""
     from pipeline.validate import (
+        CLEAN,
         clean_files,
-    )  # no Great Expectations import: clean_files only reads the report
+    )  # clean_files reads the report; no Great Expectations import
 
-    out = []
+    recorded, files = [], []
     for uri in inputs:
         if storage.is_dir(uri) and storage.exists(storage.join(uri, VALIDATION_REPORT)):
-            files = clean_files(uri)
-            if not files:
+            clean = clean_files(uri)
+            if not clean:
                 raise InputError(f"{uri}: the validation kept no clean rows; nothing to build from")
-            out.extend(files)
+            recorded.append(storage.join(uri, CLEAN))
+            files.extend(clean)
         else:
-            out.append(uri)
-    return out
+            recorded.append(uri)
+            files.extend(storage.expand([uri]))
+    return [storage.normalize(u) for u in recorded], files
 
 
 class _NeedsSessions(Exception):
@@ -726,7 +743,7 @@ def _read_parts(files: Sequence[str], ingest: IngestConfig) -> Iterator[tuple[st
     columns = [SESSION_ID, ITEM_ID, TIMESTAMP]
 
     def read(uri: str) -> ingest_mod.FileRead:
-        return ingest_mod.read_file(uri, ingest, strict=True, columns=columns, dictionary_items=True)
+        return ingest_mod.read_file(uri, ingest, strict=True, columns=columns, dictionary_ids=True)
 
     with ThreadPoolExecutor(max_workers=READ_AHEAD + 1) as pool:
         pending = [pool.submit(read, uri) for uri in files[: READ_AHEAD + 1]]
@@ -789,8 +806,7 @@ def build_dataset(
     check_config(build)
     ingest_mod.check_config(ingest)
     storage.check_disjoint(inputs, out_dir)
-    resolved = _resolve_inputs(inputs)
-    files = storage.expand(resolved)
+    recorded, files = _resolve_inputs(inputs)
     # Parquet goes to a local folder first (written in row groups, hashed), then into place by its hash.
     with tempfile.TemporaryDirectory(prefix="pipeline-build-", dir=build.spill_dir or None) as local:
         try:
@@ -802,14 +818,14 @@ def build_dataset(
                 len(files),
             )
             events = ingest_mod.read_events(
-                resolved, ingest, columns=[SESSION_ID, ITEM_ID, TIMESTAMP], dictionary_items=True
+                files, ingest, columns=[SESSION_ID, ITEM_ID, TIMESTAMP], dictionary_ids=True
             )
             sink = _ParquetSink(local)
             items, stats = _run_build([("events", events)], build, sink.write)
             del events
         sink.write("items", items)
         extra = {
-            "inputs": [storage.normalize(u) for u in resolved],
+            "inputs": recorded,
             "config": {"ingest": to_dict(ingest), "build": to_dict(build)},
         }
         manifest = _commit(out_dir, sink.close(), stats, extra)

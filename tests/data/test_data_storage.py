@@ -177,6 +177,7 @@ def test_staged_dir_sweeps_stale_leftovers_of_the_same_output_only(tmp_path: Pat
         _leftover(tmp_path, ".ds.tmp-notanid", seven_hours),  # not a name staged_dir makes
     ]
     final = str(tmp_path / "ds")
+    (tmp_path / "ds").mkdir()  # a published version exists, so .ds.old-* is a leftover, not the only copy
     with caplog.at_level(logging.WARNING, logger="pipeline.storage"):
         with storage.staged_dir(final, "m.json") as tmp:
             storage.write_json(storage.join(tmp, "m.json"), {"v": 1})
@@ -188,6 +189,14 @@ def test_staged_dir_sweeps_stale_leftovers_of_the_same_output_only(tmp_path: Pat
     _age(kept[0], storage.STALE_STAGING_SECONDS - 1)
     assert storage.sweep_stale_staging(final) == []
     assert storage.sweep_stale_staging(final, older_than_s=60) == [str(kept[0])]
+
+
+def test_sweep_keeps_the_previous_version_when_the_output_is_missing(tmp_path: Path, caplog) -> None:
+    """A local publish killed between its two renames leaves no output, only .NAME.old-*: never delete it."""
+    old = _leftover(tmp_path, ".ds.old-0123456789ab", 7 * 3600)
+    with caplog.at_level(logging.WARNING, logger="pipeline.storage"):
+        assert storage.sweep_stale_staging(str(tmp_path / "ds"), older_than_s=0) == []
+    assert old.exists() and "rename it back to restore it" in caplog.text
 
 
 def test_a_killed_build_leaves_staging_that_a_later_build_sweeps(tmp_path: Path) -> None:

@@ -241,7 +241,9 @@ def test_daily_dag_trains_on_the_gpu_worker_and_promotes(stack: localstack.Stack
     # Datasets, validated partitions and the run summary are in the bucket.
     outputs = _keys(s3, "output/")
     dataset = f"output/datasets/dt={RUN1_DAY}/"
-    assert {f"{dataset}manifest.json", f"{dataset}train/part-0.parquet", f"{dataset}test/part-0.parquet"} <= set(outputs)
+    manifest = json.loads(s3.get_object(Bucket=localstack.BUCKET, Key=f"{dataset}manifest.json")["Body"].read())
+    listed = {f"{dataset}manifest.json"} | {f"{dataset}{f['path']}" for f in manifest["files"].values()}
+    assert listed == {k for k in outputs if k.startswith(dataset)}  # exactly the files the manifest lists
     assert {f"output/validated/dt={d}/report.json" for d in ("2026-03-01", "2026-03-02", RUN1_DAY)} <= set(outputs)
     summary = json.loads(s3.get_object(Bucket=localstack.BUCKET, Key=f"output/runs/dt={RUN1_DAY}/summary.json")["Body"].read())
 
