@@ -19,7 +19,8 @@
    the polled RSS of the variant's whole process tree (the ratio uses this), the largest single process's
    ``ru_maxrss``, and for the pipeline each phase's time and peak.
 5. ``--memory-scaling``: peak RSS of ``validate`` on the first 2, 5 and all partitions (bounded memory: it
-   does not grow with the number of partitions).
+   does not grow with the number of partitions), and of ``build`` on each with the default memory budget and
+   with ``--small-budget-mb`` (default 256: bucketed, spilled to disk).
 """
 
 from __future__ import annotations
@@ -252,7 +253,11 @@ def main() -> int:
     parser.add_argument("--workdir", default=str(REPO / ".local" / "bench"))
     parser.add_argument("--variants", default="pandas,pipeline")
     parser.add_argument("--json", help="also write the results to this file")
-    parser.add_argument("--memory-scaling", action="store_true", help="also measure validate's peak RSS at 2, 5, all partitions")
+    parser.add_argument(
+        "--memory-scaling", action="store_true",
+        help="also measure validate's and build's peak RSS on 2, 5 and all partitions",
+    )  # fmt: skip
+    parser.add_argument("--small-budget-mb", type=int, default=256, help="the second build.memory_budget_mb of --memory-scaling")
     parser.add_argument("--repeat", type=int, default=1, help="alternate the variants N times; keep each one's fastest run")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -316,13 +321,23 @@ def main() -> int:
         print("identical output: " + ("yes" if not problems else "NO: " + "; ".join(problems)))
     scaling = {}
     if args.memory_scaling:
-        print("\nvalidate peak RSS by number of partitions (same partition size):")
+        budgets = [None, args.small_budget_mb]
+        print("\npeak RSS by number of partitions (same partition size): validate, then build with the default "
+              f"budget and with build.memory_budget_mb={args.small_budget_mb}:")  # fmt: skip
         for k in sorted({min(2, len(inputs)), min(5, len(inputs)), len(inputs)}):
             out = work / f"scaling-{k}"
             shutil.rmtree(out, ignore_errors=True)
-            r = _cli(["validate", *inputs[:k], "--out", str(out), "--set", f"validation.max_quarantine_share={MAX_SHARE}"])
-            scaling[k] = {"events": r["summary"]["rows_in"], "seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}
-            print(f"  {k:>3} partitions, {r['summary']['rows_in']:>12,} events: {r['seconds']:6.1f} s, peak RSS {r['peak_rss_mb']:6.0f} MB")
+            r = _cli(["validate", *inputs[:k], "--out", str(out / "validated"), "--set", f"validation.max_quarantine_share={MAX_SHARE}"])
+            row = {"events": r["summary"]["rows_in"], "validate": {"seconds": r["seconds"], "peak_rss_mb": r["peak_rss_mb"]}}
+            line = f"  {k:>3} partitions, {r['summary']['rows_in']:>12,} events: validate {r['seconds']:5.1f} s / {r['peak_rss_mb']:5.0f} MB"
+            for budget in budgets:
+                settings = ["--set", f"build.memory_budget_mb={budget}"] if budget else []
+                b = _cli(["build", str(out / "validated"), "--out", str(out / "dataset"), "--test-days", str(TEST_DAYS),
+                          "--valid-days", str(VALID_DAYS), *settings])  # fmt: skip
+                row[f"build_{budget or 'default'}"] = {"seconds": b["seconds"], "peak_rss_mb": b["peak_rss_mb"]}
+                line += f"; build ({budget or 'default'} MB) {b['seconds']:5.1f} s / {b['peak_rss_mb']:5.0f} MB"
+            scaling[k] = row
+            print(line, flush=True)
             shutil.rmtree(out, ignore_errors=True)
     if args.json:
         Path(args.json).write_text(
