@@ -277,34 +277,43 @@ def _scan(parts: Iterable[tuple[str, pa.Table]], store: ArrayStore) -> _Scan:
     return _Scan(rows, s_dict, i_dict, s_luts, i_luts, starts, lengths, supports)
 
 
+def _bucket_of(bounds: np.ndarray) -> np.ndarray:
+    """Bucket number of each session position, from the bounds of :func:`_buckets`."""
+    return (np.searchsorted(bounds, np.arange(int(bounds[-1])), side="right") - 1).astype(np.int32)
+
+
+Rows = dict[str, np.ndarray]  # a group of rows: "r" (session rank), "i" (item code), "t" (time, us)
+
+
 def _distribute(
-    store: ArrayStore, sources: Sequence[str], bounds: np.ndarray, prefix: str,
-    rows_of: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]], key: np.ndarray,
-) -> int:  # fmt: skip
-    """Route the rows of each source group (in order) to buckets ``prefix<b>.<n>``: ``rows_of`` turns a group
-    into the rows to keep (arrays ``r``, ``i``, ``t``; ``r`` indexes ``key``), whose bucket is the one holding
-    ``key[r]`` (``bounds`` as from :func:`_buckets`). Returns the number of buckets."""
-    n_buckets = len(bounds) - 1
-    bucket_of = np.zeros(max(1, int(bounds[-1])), dtype=np.int32)
-    for b in range(1, n_buckets):
-        bucket_of[bounds[b] :] = b
-    for n, source in enumerate(sources):
-        rows = rows_of(store.pop(source) or {})
-        if n_buckets <= 1:
+    store: ArrayStore,
+    sources: Sequence[tuple[str, Callable[[Rows], Rows]]],
+    bucket_of_r: np.ndarray,
+    prefix: str,
+) -> None:
+    """Route each source group's rows (``rows_of(group)``, in order) to the buckets ``bucket_of_r[r]``: bucket b
+    receives the piece ``<prefix><b>.<n>`` from source n, so :func:`_gather` puts them back in source order."""
+    n_buckets = int(bucket_of_r.max()) + 1 if len(bucket_of_r) else 1
+    for n, (key, rows_of) in enumerate(sources):
+        rows = rows_of(store.pop(key) or _no_rows())
+        if n_buckets == 1:
             store.put(f"{prefix}0.{n}", **rows)
             continue
-        b = bucket_of[key[rows["r"]]]
+        b = bucket_of_r[rows["r"]]
         order = _stable_argsort(b)
         cuts = np.searchsorted(b[order], np.arange(1, n_buckets))
         for bucket, piece in enumerate(np.split(order, cuts)):
             if len(piece):
                 store.put(f"{prefix}{bucket}.{n}", **{name: a[piece] for name, a in rows.items()})
-    return n_buckets
 
 
-def _gather(store: ArrayStore, prefix: str, n_sources: int) -> dict[str, np.ndarray]:
+def _no_rows() -> Rows:
+    return {"r": np.zeros(0, np.int32), "i": np.zeros(0, np.int32), "t": np.zeros(0, np.int64)}
+
+
+def _gather(store: ArrayStore, prefix: str, n_sources: int) -> Rows:
     """A bucket's pieces, concatenated in source order (and removed from the store)."""
-    pieces = [p for n in range(n_sources) if (p := store.pop(f"{prefix}.{n}")) is not None]
+    pieces = [p for n in range(n_sources) if (p := store.pop(f"{prefix}.{n}")) is not None] or [_no_rows()]
     if len(pieces) == 1:
         return pieces[0]
     return {name: np.concatenate([p[name] for p in pieces]) for name in ("r", "i", "t")}
@@ -336,21 +345,15 @@ class _Build:
         self.bounds = _buckets(self.lengths, max_rows)
         n_parts = len(scan.s_luts)
 
-        def part_rows(k: int) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
-            def rows(p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        def part_rows(k: int) -> Callable[[Rows], Rows]:
+            def rows(p: Rows) -> Rows:
                 return {"r": rank_of_code[scan.s_luts[k][p["s"]]], "i": scan.i_luts[k][p["i"]], "t": p["t"]}
 
             return rows
 
-        # Distribute part by part (each part's rows go to their sessions' buckets, input order kept).
-        self.n_buckets = len(self.bounds) - 1
-        for k in range(n_parts):
-            _distribute(store, [f"p{k}"], self.bounds, f"x{k}.", part_rows(k), np.arange(self.n_sessions))
-            for b in range(self.n_buckets):  # rename x<k>.<b>.0 -> b<b>.<k>
-                piece = store.pop(f"x{k}.{b}.0")
-                if piece is not None:
-                    store.put(f"b{b}.{k}", **piece)
-        self.n_parts = n_parts
+        # Each part's rows go to their sessions' buckets, in input order.
+        self.n_buckets, self.n_parts = len(self.bounds) - 1, n_parts
+        _distribute(store, [(f"p{k}", part_rows(k)) for k in range(n_parts)], _bucket_of(self.bounds), "b")
 
     def buckets(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
         for b in range(self.n_buckets):
@@ -529,21 +532,17 @@ class _Build:
         """The final rows as ``(split, table)`` chunks, in split order and, within a split, in output order;
         fills the per-split statistics on the way."""
         bounds = _buckets(self.out_lengths, self.max_rows)
-        n_out = _distribute(
-            self.store,
-            [f"o{b}" for b in range(self.n_buckets)],
-            bounds,
-            "w",
-            lambda rows: rows,
-            self.out_rank,
+        n_out = len(bounds) - 1
+        # finalize() left only rows of output sessions, so every r here has an output rank.
+        bucket_of_r = _bucket_of(bounds)[np.maximum(self.out_rank, 0)]
+        _distribute(
+            self.store, [(f"o{b}", lambda rows: rows) for b in range(self.n_buckets)], bucket_of_r, "w"
         )
         split_bounds = np.array(self.split_bounds[1:-1])
         items_seen = np.zeros((len(SPLITS), self.n_items), dtype=bool)
         times = np.array([[MAX_I64, MIN_I64]] * len(SPLITS), dtype=np.int64)
         for w in range(n_out):
             rows = _gather(self.store, f"w{w}", self.n_buckets)
-            if not rows:
-                continue
             r, i, t = rows["r"], rows["i"], rows["t"]
             key = self.out_rank[r]
             perm = _block_order(key)  # a session whose first rows were dropped may start later: move it
