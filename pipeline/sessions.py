@@ -41,10 +41,11 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -84,6 +85,8 @@ READ_AHEAD = 1  # input files decoded while the previous one is scanned
 MAX_I64 = np.iinfo(np.int64).max
 MIN_I64 = np.iinfo(np.int64).min
 TRAIN, VALID, TEST = 0, 1, 2  # split codes of rows (-1: dropped)
+THREADS = min(4, os.cpu_count() or 1)  # buckets worked on at once (they share the memory budget)
+T = TypeVar("T")
 
 
 @dataclass
@@ -300,9 +303,12 @@ def _distribute(
             store.put(f"{prefix}0.{n}", **rows)
             continue
         b = bucket_of_r[rows["r"]]
-        order = _stable_argsort(b)
-        cuts = np.searchsorted(b[order], np.arange(1, n_buckets))
-        for bucket, piece in enumerate(np.split(order, cuts)):
+        if n_buckets <= 8:  # a few buckets: one mask each is cheaper than sorting by bucket
+            pieces = (np.flatnonzero(b == bucket) for bucket in range(n_buckets))
+        else:
+            order = _stable_argsort(b)
+            pieces = iter(np.split(order, np.searchsorted(b[order], np.arange(1, n_buckets))))
+        for bucket, piece in enumerate(pieces):
             if len(piece):
                 store.put(f"{prefix}{bucket}.{n}", **{name: a[piece] for name, a in rows.items()})
 
@@ -320,10 +326,14 @@ def _gather(store: ArrayStore, prefix: str, n_sources: int) -> Rows:
 
 
 class _Build:
-    """The build over one scan; each method is one pass over the buckets (see the module docstring)."""
+    """The build over one scan. Each step is a pass over the buckets; buckets hold whole sessions and are
+    independent, so a pass works on ``threads`` of them at once (numpy and Arrow release the GIL) and the
+    main thread combines their results in bucket order."""
 
-    def __init__(self, scan: _Scan, store: ArrayStore, config: BuildConfig, max_rows: int) -> None:
-        self.scan, self.store, self.config, self.max_rows = scan, store, config, max_rows
+    def __init__(
+        self, scan: _Scan, store: ArrayStore, config: BuildConfig, max_rows: int, threads: int
+    ) -> None:
+        self.scan, self.store, self.config, self.threads = scan, store, config, threads
         present = np.flatnonzero(scan.lengths > 0)
         # Sessions by rank: everything per session below is indexed by rank in (start, id) order.
         self.code_of_rank = present[_by_start_then_id(scan.starts[present], present, scan.s_dict)].astype(
@@ -335,15 +345,13 @@ class _Build:
         self.supports = scan.supports.copy()
         self.n_sessions, self.n_items = len(present), len(scan.i_dict)
         self.stats: dict[str, Any] = {
-            "input": {
-                "events": scan.rows,
-                "sessions": len(present),
-                "items": int(np.count_nonzero(scan.supports)),
-            },
+            "input": {"events": scan.rows, "sessions": len(present), "items": int(np.count_nonzero(scan.supports))},
             "dropped": {"repeats": 0, "short_sessions": 0, "rare_items": 0},
-        }
-        self.bounds = _buckets(self.lengths, max_rows)
-        n_parts = len(scan.s_luts)
+        }  # fmt: skip
+        # The threads share the budget, and there are at least as many buckets as threads.
+        self.bucket_rows = max(1, min(max_rows // threads, -(-scan.rows // threads)))
+        self.bounds = _buckets(self.lengths, self.bucket_rows)
+        self.n_buckets, self.n_parts = len(self.bounds) - 1, len(scan.s_luts)
 
         def part_rows(k: int) -> Callable[[Rows], Rows]:
             def rows(p: Rows) -> Rows:
@@ -352,50 +360,74 @@ class _Build:
             return rows
 
         # Each part's rows go to their sessions' buckets, in input order.
-        self.n_buckets, self.n_parts = len(self.bounds) - 1, n_parts
-        _distribute(store, [(f"p{k}", part_rows(k)) for k in range(n_parts)], _bucket_of(self.bounds), "b")
+        _distribute(
+            store, [(f"p{k}", part_rows(k)) for k in range(self.n_parts)], _bucket_of(self.bounds), "b"
+        )
 
-    def buckets(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        for b in range(self.n_buckets):
-            yield b, self.store.get(f"o{b}")
+    def _map(self, fn: Callable[[int], T], n: int | None = None) -> Iterator[T]:
+        """``fn(b)`` for buckets 0..n-1 (default: all), ``threads`` at a time; results in bucket order."""
+        n = self.n_buckets if n is None else n
+        if self.threads == 1 or n == 1:
+            yield from map(fn, range(n))
+            return
+        with ThreadPoolExecutor(max_workers=self.threads) as pool:
+            pending: deque[Future[T]] = deque()
+            for b in range(n):
+                pending.append(pool.submit(fn, b))
+                if len(pending) == self.threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+
+    def _rows(self, b: int) -> Rows:
+        return self.store.get(f"o{b}")
+
+    def _kept(self, rows: Rows) -> np.ndarray:
+        return ~self.session_out[rows["r"]] & ~self.item_out[rows["i"]]
 
     def order(self) -> None:
-        """Sort each bucket into (rank, time, input order) and drop consecutive repeats if asked."""
-        repeats_r, repeats_i = (
-            np.zeros(self.n_sessions, dtype=np.int64),
-            np.zeros(self.n_items, dtype=np.int64),
-        )
-        for b in range(self.n_buckets):
+        """Sort each bucket into (rank, time, input order); drop consecutive repeats if asked."""
+
+        def one(b: int) -> tuple[np.ndarray, np.ndarray]:
             rows = _gather(self.store, f"b{b}", self.n_parts)
             r, i, t = rows["r"], rows["i"], rows["t"]
             del rows
             if len(t) < 2 or bool((t[1:] >= t[:-1]).all()):
                 perm = _stable_argsort(
                     r - int(self.bounds[b])
-                )  # time-ordered input: one stable sort by session
+                )  # time-ordered input: a stable sort by session
             else:
                 perm = np.lexsort((t, r))  # lexsort is stable: equal times keep input order
             r, i, t = r[perm], i[perm], t[perm]
             del perm
+            dropped = (r[:0], i[:0])
             if self.config.drop_repeats and len(r) > 1:
                 repeat = np.zeros(len(r), dtype=bool)
                 repeat[1:] = (r[1:] == r[:-1]) & (i[1:] == i[:-1])
                 if repeat.any():
-                    repeats_r += np.bincount(r[repeat], minlength=self.n_sessions)
-                    repeats_i += np.bincount(i[repeat], minlength=self.n_items)
+                    dropped = (r[repeat], i[repeat])
                     r, i, t = r[~repeat], i[~repeat], t[~repeat]
             self.store.put(f"o{b}", r=r, i=i, t=t)
-        self.lengths = self.lengths - repeats_r
-        self.supports = self.supports - repeats_i
-        self.stats["dropped"]["repeats"] = int(repeats_r.sum())
+            return dropped
+
+        repeats = 0
+        for r, i in self._map(one):
+            self.lengths -= np.bincount(r, minlength=self.n_sessions)
+            self.supports -= np.bincount(i, minlength=self.n_items)
+            repeats += len(r)
+        self.stats["dropped"]["repeats"] = repeats
 
     def _count(self, session_sel: np.ndarray, item_sel: np.ndarray, by: str) -> np.ndarray:
         """Rows whose session and item are selected, counted per session (``by="r"``) or item (``"i"``)."""
         size = self.n_sessions if by == "r" else self.n_items
+
+        def one(b: int) -> np.ndarray:
+            rows = self._rows(b)
+            return rows[by][session_sel[rows["r"]] & item_sel[rows["i"]]]
+
         counts = np.zeros(size, dtype=np.int64)
-        for _, rows in self.buckets():
-            hit = session_sel[rows["r"]] & item_sel[rows["i"]]
-            counts += np.bincount(rows[by][hit], minlength=size)
+        for hits in self._map(one):
+            counts += np.bincount(hits, minlength=size)
         return counts
 
     def filter(self) -> None:
@@ -438,18 +470,20 @@ class _Build:
             "items": int(np.count_nonzero(self.supports)),
         }
 
-    def _kept(self, rows: dict[str, np.ndarray]) -> np.ndarray:
-        return ~self.session_out[rows["r"]] & ~self.item_out[rows["i"]]
-
     def split(self) -> None:
         """Test / valid / train by each session's last kept event."""
         config = self.config
         ends = np.full(self.n_sessions, MIN_I64, dtype=np.int64)
-        for _, rows in self.buckets():
+
+        def one(b: int) -> None:
+            rows = self._rows(b)
             keep = self._kept(rows)
             r, t = rows["r"][keep], rows["t"][keep]
             last = _run_ends(r)  # rows are in (session, time) order: a session's last row is its end
-            ends[r[last]] = t[last]
+            ends[r[last]] = t[last]  # buckets write disjoint sessions
+
+        for _ in self._map(one):
+            pass
         alive = self.lengths > 0
         tmax = int(ends[alive].max())
         test_start = tmax - int(round(config.test_days * DAY_US)) if config.test_days > 0 else None
@@ -476,8 +510,12 @@ class _Build:
         first_seen = np.full(self.n_items, MAX_I64, dtype=np.int64)
         counts = np.zeros(self.n_items, dtype=np.int64)
         offset = 0
-        for _, rows in self.buckets():
-            items = rows["i"][self._kept(rows) & (self.split_of[rows["r"]] == TRAIN)]
+
+        def one(b: int) -> np.ndarray:
+            rows = self._rows(b)
+            return rows["i"][self._kept(rows) & (self.split_of[rows["r"]] == TRAIN)]
+
+        for items in self._map(one):
             np.minimum.at(first_seen, items, np.arange(offset, offset + len(items), dtype=np.int64))
             counts += np.bincount(items, minlength=self.n_items)
             offset += len(items)
@@ -490,29 +528,38 @@ class _Build:
     def finalize(self) -> None:
         """Each row's final split (held-out rows: train items only, sessions of >= 2 of them) and the output
         order of the sessions (by the start of their final rows, then id)."""
-        dropped = self.stats["dropped"]
-        for name in ("valid", "test"):
-            dropped[f"{name}_unknown_items"] = dropped[f"{name}_short_sessions"] = 0
         final_start = np.full(self.n_sessions, MAX_I64, dtype=np.int64)
         final_length = np.zeros(self.n_sessions, dtype=np.int64)
-        for b, rows in self.buckets():
+
+        def one(b: int) -> dict[str, int]:
+            rows = self._rows(b)
             r, i = rows["r"], rows["i"]
             split = np.where(self._kept(rows), self.split_of[r], np.int8(-1))
             held = split > TRAIN
             known = held & (self.item_idx[i] >= 0)
-            lo = int(self.bounds[b])
-            known_len = np.bincount(r[known] - lo, minlength=int(self.bounds[b + 1]) - lo)
+            lo, hi = int(self.bounds[b]), int(self.bounds[b + 1])
+            known_len = np.bincount(r[known] - lo, minlength=hi - lo)
             final = known & (known_len[r - lo] >= 2)
+            counts = {}
             for code, name in ((VALID, "valid"), (TEST, "test")):
                 in_split = split == code
-                dropped[f"{name}_unknown_items"] += int((in_split & ~known).sum())
-                dropped[f"{name}_short_sessions"] += int((in_split & known & ~final).sum())
+                counts[f"{name}_unknown_items"] = int((in_split & ~known).sum())
+                counts[f"{name}_short_sessions"] = int((in_split & known & ~final).sum())
             split[held & ~final] = -1
-            rs, ts = r[split >= 0], rows["t"][split >= 0]
-            first = _run_starts(rs)  # rows are in (session, time) order
+            out = split >= 0
+            rs, ts = r[out], rows["t"][out]
+            first = _run_starts(rs)  # rows are in (session, time) order; buckets write disjoint sessions
             final_start[rs[first]] = ts[first]
-            final_length += np.bincount(rs, minlength=self.n_sessions)
-            self.store.put(f"o{b}", r=r[split >= 0], i=i[split >= 0], t=ts)
+            final_length[lo:hi] = np.bincount(rs - lo, minlength=hi - lo)
+            self.store.put(f"o{b}", r=rs, i=i[out], t=ts)
+            return counts
+
+        dropped = self.stats["dropped"]
+        for name in ("valid", "test"):
+            dropped[f"{name}_unknown_items"] = dropped[f"{name}_short_sessions"] = 0
+        for counts in self._map(one):
+            for key, value in counts.items():
+                dropped[key] += value
         # Output rank: train sessions, then valid, then test, each by (final start, id).
         self.out_rank = np.full(self.n_sessions, -1, dtype=np.int32)
         self.split_bounds = [0]
@@ -529,10 +576,9 @@ class _Build:
         self.out_lengths[self.out_rank[alive]] = final_length[alive]
 
     def output(self) -> Iterator[tuple[str, pa.Table]]:
-        """The final rows as ``(split, table)`` chunks, in split order and, within a split, in output order;
-        fills the per-split statistics on the way."""
-        bounds = _buckets(self.out_lengths, self.max_rows)
-        n_out = len(bounds) - 1
+        """The final rows as ``(split, table)`` chunks of at most ``ROW_GROUP`` rows, in split order and, within
+        a split, in output order; fills the per-split statistics on the way."""
+        bounds = _buckets(self.out_lengths, self.bucket_rows)
         # finalize() left only rows of output sessions, so every r here has an output rank.
         bucket_of_r = _bucket_of(bounds)[np.maximum(self.out_rank, 0)]
         _distribute(
@@ -541,7 +587,8 @@ class _Build:
         split_bounds = np.array(self.split_bounds[1:-1])
         items_seen = np.zeros((len(SPLITS), self.n_items), dtype=bool)
         times = np.array([[MAX_I64, MIN_I64]] * len(SPLITS), dtype=np.int64)
-        for w in range(n_out):
+
+        def one(w: int) -> list[tuple[int, pa.Table]]:
             rows = _gather(self.store, f"w{w}", self.n_buckets)
             r, i, t = rows["r"], rows["i"], rows["t"]
             key = self.out_rank[r]
@@ -549,35 +596,35 @@ class _Build:
             if perm is not None:
                 r, i, t, key = r[perm], i[perm], t[perm], key[perm]
             cuts = [0, *np.searchsorted(key, split_bounds).tolist(), len(r)]
+            chunks = []
             for code in range(len(SPLITS)):
-                if cuts[code] == cuts[code + 1]:
-                    continue
                 for lo in range(cuts[code], cuts[code + 1], ROW_GROUP):
                     rows_ = slice(lo, min(lo + ROW_GROUP, cuts[code + 1]))
-                    items, times_ = i[rows_], t[rows_]
-                    items_seen[code, items] = True
-                    times[code] = min(times[code, 0], int(times_[0])), max(times[code, 1], int(times_.max()))
-                    yield (
-                        SPLITS[code],
-                        pa.table(
-                            [
-                                self.scan.s_dict.take(pa.array(self.code_of_rank[r[rows_]])),
-                                self.scan.i_dict.take(pa.array(items)),
-                                pa.array(times_).cast(TIMESTAMP_TYPE),
-                                pa.array(self.item_idx[items]),
-                            ],
-                            schema=SPLIT_SCHEMA,
-                        ),
+                    table = pa.table(
+                        [
+                            self.scan.s_dict.take(pa.array(self.code_of_rank[r[rows_]])),
+                            self.scan.i_dict.take(pa.array(i[rows_])),
+                            pa.array(t[rows_]).cast(TIMESTAMP_TYPE),
+                            pa.array(self.item_idx[i[rows_]]),
+                        ],
+                        schema=SPLIT_SCHEMA,
                     )
+                    chunks.append((code, table, i[rows_], int(t[rows_][0]), int(t[rows_].max())))
+            return chunks
+
+        for chunks in self._map(one, len(bounds) - 1):
+            for code, table, items, first, last in chunks:
+                items_seen[code, items] = True
+                times[code] = min(times[code, 0], first), max(times[code, 1], last)
+                yield SPLITS[code], table
         for code, name in enumerate(SPLITS):
             lo, hi = self.split_bounds[code], self.split_bounds[code + 1]
-            empty = lo == hi
             self.stats[name] = {
                 "events": int(self.out_lengths[lo:hi].sum()),
                 "sessions": hi - lo,
                 "items": int(items_seen[code].sum()),
-                "start": None if empty else _iso(int(times[code, 0])),
-                "end": None if empty else _iso(int(times[code, 1])),
+                "start": None if lo == hi else _iso(int(times[code, 0])),
+                "end": None if lo == hi else _iso(int(times[code, 1])),
             }
 
     def items(self) -> pa.Table:
@@ -605,11 +652,11 @@ def _run_build(
     with ArrayStore(budget // 3, build.spill_dir or None) as store:
         t0 = time.perf_counter()
         scan = _scan(parts, store)
-        job = _Build(scan, store, build, max_rows)
-        if job.n_buckets > 1 or store.spilled:
+        job = _Build(scan, store, build, max_rows, THREADS)
+        if store.spilled or job.bucket_rows < -(-scan.rows // THREADS):
             log.info(
                 "building %d events in %d buckets of up to ~%d events (memory_budget_mb=%d, %.0f MB spilled to %s)",
-                scan.rows, job.n_buckets, max_rows, build.memory_budget_mb, store.spilled_bytes / 2**20,
+                scan.rows, job.n_buckets, job.bucket_rows, build.memory_budget_mb, store.spilled_bytes / 2**20,
                 build.spill_dir or tempfile.gettempdir(),
             )  # fmt: skip
         job.order()

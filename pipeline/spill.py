@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from types import TracebackType
 
 import numpy as np
@@ -19,7 +20,8 @@ from pipeline.errors import PipelineError
 
 
 class ArrayStore:
-    """``put(key, name=array, ...)`` / ``get(key)`` / ``pop(key)``; spills everything once over budget."""
+    """``put(key, name=array, ...)`` / ``get(key)`` / ``pop(key)``; spills everything once over budget.
+    Safe to use from several threads (the build works on several buckets at once)."""
 
     def __init__(self, budget_bytes: int, directory: str | None = None) -> None:
         self.budget_bytes = budget_bytes
@@ -31,6 +33,7 @@ class ArrayStore:
         self._files: dict[str, dict[str, str]] = {}
         self._bytes_in_memory = 0
         self._counter = 0
+        self._lock = threading.RLock()
 
     def __enter__(self) -> ArrayStore:
         return self
@@ -42,48 +45,55 @@ class ArrayStore:
 
     def put(self, key: str, **arrays: np.ndarray) -> None:
         """Store ``arrays`` under ``key`` (replacing what was there)."""
-        self.pop(key)
-        if self.spilled:
-            self._write(key, arrays)
-            return
-        self._memory[key] = arrays
-        self._bytes_in_memory += sum(a.nbytes for a in arrays.values())
-        if self._bytes_in_memory > self.budget_bytes:
-            self.spill()
+        with self._lock:
+            self.pop(key)
+            if self.spilled:
+                self._write(key, arrays)
+                return
+            self._memory[key] = arrays
+            self._bytes_in_memory += sum(a.nbytes for a in arrays.values())
+            if self._bytes_in_memory > self.budget_bytes:
+                self.spill()
 
     def get(self, key: str) -> dict[str, np.ndarray]:
-        if key in self._memory:
-            return self._memory[key]
-        if key in self._files:
-            return {name: np.load(path) for name, path in self._files[key].items()}
-        raise KeyError(key)
+        with self._lock:
+            if key in self._memory:
+                return self._memory[key]
+            paths = dict(self._files[key]) if key in self._files else None
+        if paths is None:
+            raise KeyError(key)
+        return {name: np.load(path) for name, path in paths.items()}
 
     def pop(self, key: str) -> dict[str, np.ndarray] | None:
         """Remove ``key`` and return its arrays (None when absent); a spilled group's files are deleted."""
-        if key in self._memory:
-            arrays = self._memory.pop(key)
-            self._bytes_in_memory -= sum(a.nbytes for a in arrays.values())
-            return arrays
-        if key in self._files:
-            arrays = self.get(key)
-            for path in self._files.pop(key).values():
-                os.remove(path)
-            return arrays
-        return None
+        with self._lock:
+            if key in self._memory:
+                arrays = self._memory.pop(key)
+                self._bytes_in_memory -= sum(a.nbytes for a in arrays.values())
+                return arrays
+            paths = self._files.pop(key, None)
+        if paths is None:
+            return None
+        arrays = {name: np.load(path) for name, path in paths.items()}
+        for path in paths.values():
+            os.remove(path)
+        return arrays
 
     def spill(self) -> None:
         """Move every group to disk; later groups go straight to disk."""
-        self.spilled = True
-        for key in list(self._memory):
-            self._write(key, self._memory.pop(key))
-        self._bytes_in_memory = 0
+        with self._lock:
+            self.spilled = True
+            for key in list(self._memory):
+                self._write(key, self._memory.pop(key))
+            self._bytes_in_memory = 0
 
     def close(self) -> None:
-        self._memory.clear()
-        self._files.clear()
-        if self._root is not None:
-            shutil.rmtree(self._root, ignore_errors=True)
-            self._root = None
+        with self._lock:
+            self._memory.clear()
+            self._files.clear()
+            if self._root is not None:
+                shutil.rmtree(self._root, ignore_errors=True)
+                self._root = None
 
     def _write(self, key: str, arrays: dict[str, np.ndarray]) -> None:
         if self._root is None:
