@@ -588,35 +588,39 @@ class _Build:
         items_seen = np.zeros((len(SPLITS), self.n_items), dtype=bool)
         times = np.array([[MAX_I64, MIN_I64]] * len(SPLITS), dtype=np.int64)
 
-        def one(w: int) -> list[tuple[int, pa.Table]]:
+        def one(w: int) -> tuple[Rows, list[int]]:
             rows = _gather(self.store, f"w{w}", self.n_buckets)
-            r, i, t = rows["r"], rows["i"], rows["t"]
-            key = self.out_rank[r]
+            key = self.out_rank[rows["r"]]
             perm = _block_order(key)  # a session whose first rows were dropped may start later: move it
             if perm is not None:
-                r, i, t, key = r[perm], i[perm], t[perm], key[perm]
-            cuts = [0, *np.searchsorted(key, split_bounds).tolist(), len(r)]
-            chunks = []
+                rows, key = {name: a[perm] for name, a in rows.items()}, key[perm]
+            return rows, [0, *np.searchsorted(key, split_bounds).tolist(), len(key)]
+
+        # Buckets are ordered on the threads; their rows become Arrow tables one row group at a time here.
+        for rows, cuts in self._map(one, len(bounds) - 1):
+            r, i, t = rows["r"], rows["i"], rows["t"]
             for code in range(len(SPLITS)):
                 for lo in range(cuts[code], cuts[code + 1], ROW_GROUP):
-                    rows_ = slice(lo, min(lo + ROW_GROUP, cuts[code + 1]))
-                    table = pa.table(
-                        [
-                            self.scan.s_dict.take(pa.array(self.code_of_rank[r[rows_]])),
-                            self.scan.i_dict.take(pa.array(i[rows_])),
-                            pa.array(t[rows_]).cast(TIMESTAMP_TYPE),
-                            pa.array(self.item_idx[i[rows_]]),
-                        ],
-                        schema=SPLIT_SCHEMA,
+                    chunk = slice(lo, min(lo + ROW_GROUP, cuts[code + 1]))
+                    items_seen[code, i[chunk]] = True
+                    times[code] = (
+                        min(times[code, 0], int(t[chunk][0])),
+                        max(times[code, 1], int(t[chunk].max())),
                     )
-                    chunks.append((code, table, i[rows_], int(t[rows_][0]), int(t[rows_].max())))
-            return chunks
-
-        for chunks in self._map(one, len(bounds) - 1):
-            for code, table, items, first, last in chunks:
-                items_seen[code, items] = True
-                times[code] = min(times[code, 0], first), max(times[code, 1], last)
-                yield SPLITS[code], table
+                    yield (
+                        SPLITS[code],
+                        pa.table(
+                            [
+                                self.scan.s_dict.take(pa.array(self.code_of_rank[r[chunk]])),
+                                self.scan.i_dict.take(pa.array(i[chunk])),
+                                pa.array(t[chunk]).cast(TIMESTAMP_TYPE),
+                                pa.array(self.item_idx[i[chunk]]),
+                            ],
+                            schema=SPLIT_SCHEMA,
+                        ),
+                    )
+            del rows, r, i, t
+            pa.default_memory_pool().release_unused()  # Arrow's allocator keeps freed pages otherwise
         for code, name in enumerate(SPLITS):
             lo, hi = self.split_bounds[code], self.split_bounds[code + 1]
             self.stats[name] = {
@@ -652,6 +656,7 @@ def _run_build(
     with ArrayStore(budget // 3, build.spill_dir or None) as store:
         t0 = time.perf_counter()
         scan = _scan(parts, store)
+        pa.default_memory_pool().release_unused()  # the input files' buffers: Arrow's allocator keeps them otherwise
         job = _Build(scan, store, build, max_rows, THREADS)
         if store.spilled or job.bucket_rows < -(-scan.rows // THREADS):
             log.info(
