@@ -228,3 +228,22 @@ def test_array_store_spills_over_budget_and_cleans_up(tmp_path: Path) -> None:
         assert np.array_equal(store.get("big")["y"], b) and np.array_equal(store.pop("small")["x"], b)
         assert store.pop("small") is None and len(list(tmp_path.rglob("*.npy"))) == 2
     assert not any(tmp_path.iterdir())  # the spill folder is gone
+
+
+def test_user_only_log_is_sessionized_across_files(tmp_path: Path) -> None:
+    """A log of users without session ids: sessions are derived over all files at once, so one that
+    crosses from one file into the next stays one session (the build's one-file-at-a-time path steps aside)."""
+    import pyarrow.parquet as pq
+
+    def write(name: str, rows: list[tuple[str, str, dt.datetime]]) -> None:
+        users, items, times = zip(*rows, strict=True)
+        table = pa.table({"user_id": users, "item_id": items, "timestamp": pa.array(times, pa.timestamp("us", tz="UTC"))})
+        pq.write_table(table, tmp_path / name)
+
+    start = dt.datetime(2024, 1, 1, 23, 50, tzinfo=dt.UTC)
+    write("a.parquet", [("u1", "x", start), ("u1", "y", start + dt.timedelta(minutes=5)), ("u2", "x", start)])
+    write("b.parquet", [("u1", "z", start + dt.timedelta(minutes=15)), ("u2", "y", start + dt.timedelta(minutes=1))])
+    manifest = sessions.build_dataset([str(tmp_path)], str(tmp_path.parent / "ds"), build=OFF)
+    train = sessions.read_split(str(tmp_path.parent / "ds"), "train")
+    assert manifest["counts"]["train"]["sessions"] == 2
+    assert rows_of(train) == [("u1@1704153000000000", i) for i in "xyz"] + [("u2@1704153000000000", i) for i in "xy"]
