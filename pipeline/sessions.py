@@ -350,7 +350,9 @@ class _Build:
             "dropped": {"repeats": 0, "short_sessions": 0, "rare_items": 0},
         }  # fmt: skip
         # The threads share the budget, and there are at least as many buckets as threads.
-        self.bucket_rows = max(1, min(max_rows // threads, -(-scan.rows // threads)))
+        per_thread = -(-scan.rows // threads)
+        self.budget_limited = max_rows // threads < per_thread  # buckets smaller than the work per thread
+        self.bucket_rows = max(1, min(max_rows // threads, per_thread))
         self.bounds = _buckets(self.lengths, self.bucket_rows)
         self.n_buckets, self.n_parts = len(self.bounds) - 1, len(scan.s_luts)
 
@@ -394,9 +396,8 @@ class _Build:
             r, i, t = rows["r"], rows["i"], rows["t"]
             del rows
             if len(t) < 2 or bool((t[1:] >= t[:-1]).all()):
-                perm = _stable_argsort(
-                    r - int(self.bounds[b])
-                )  # time-ordered input: a stable sort by session
+                # Time-ordered input: one stable sort by session keeps each session's rows in time order.
+                perm = _stable_argsort(r - int(self.bounds[b]))
             else:
                 perm = np.lexsort((t, r))  # lexsort is stable: equal times keep input order
             r, i, t = r[perm], i[perm], t[perm]
@@ -659,7 +660,7 @@ def _run_build(
         scan = _scan(parts, store)
         pa.default_memory_pool().release_unused()  # the input files' buffers: Arrow's allocator keeps them otherwise
         job = _Build(scan, store, build, max_rows, THREADS)
-        if store.spilled or job.bucket_rows < -(-scan.rows // THREADS):
+        if store.spilled or job.budget_limited:
             log.info(
                 "building %d events in %d buckets of up to ~%d events (memory_budget_mb=%d, %.0f MB spilled to %s)",
                 scan.rows, job.n_buckets, job.bucket_rows, build.memory_budget_mb, store.spilled_bytes / 2**20,
