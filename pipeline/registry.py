@@ -280,7 +280,9 @@ def promotion_lock(
             )
             break
         except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            # RESOURCE_DOES_NOT_EXIST: the SQL store looks the existing lock up after its insert
+            # collides, and the holder may release it in between. Both mean "contended, retry".
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         holder = _break_if_stale(client, name, stale_s)
         if time.monotonic() > deadline:

@@ -93,7 +93,11 @@ def test_pairing_counts_predictions_the_champion_could_not_make_as_misses() -> N
 
 
 def test_promotion_lock_excludes_concurrent_holders(module_store: str) -> None:
-    """Real threads against the real (SQLite) store: critical sections never overlap."""
+    """Real threads against the real (SQLite) store: critical sections never overlap.
+
+    Tight polling makes contention frequent, so a release racing a colliding create (the store
+    then reports the lock as missing) is exercised, not left to chance.
+    """
     from pipeline import tracking
 
     cfg = PipelineConfig()
@@ -106,21 +110,21 @@ def test_promotion_lock_excludes_concurrent_holders(module_store: str) -> None:
     def worker() -> None:
         try:
             client = mlflow.MlflowClient()
-            for _ in range(2):
-                with registry.promotion_lock(client, "lock-test", timeout_s=60, poll_s=0.05):
+            for _ in range(10):
+                with registry.promotion_lock(client, "lock-test", timeout_s=120, poll_s=0.002):
                     start = time.monotonic()
-                    time.sleep(0.05)
+                    time.sleep(0.002)
                     intervals.append((start, time.monotonic()))
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=worker) for _ in range(3)]
+    threads = [threading.Thread(target=worker) for _ in range(6)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert not errors, errors
-    assert len(intervals) == 6
+    assert len(intervals) == 60
     intervals.sort()
     for (_, end), (next_start, _) in zip(intervals, intervals[1:], strict=False):
         assert next_start >= end, "two holders were inside the lock at the same time"
