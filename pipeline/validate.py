@@ -30,12 +30,17 @@ number of rows picked must equal the expectation's unexpected count, or the run 
 from __future__ import annotations
 
 import datetime as dt
+import importlib
+import importlib.util
+import json
 import logging
 import math
 import multiprocessing
 import os
 import sys
 import tempfile
+import threading
+import types
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -84,6 +89,30 @@ START_METHOD = os.environ.get("PIPELINE_VALIDATE_START_METHOD") or ("fork" if sy
 # One Great Expectations context per process (importing GX and creating contexts is slow)
 
 _GX: dict[str, Any] = {}
+# Great Expectations imports these at module level for expectations this suite never uses (the KL divergence
+# chart, the KS tests): about 1 s of every validation's start-up, on one core while the other waits for the
+# fork. Each stands in as an empty module until something reads an attribute of it, which imports the real one.
+DEFERRED_GX_IMPORTS = ("altair", "scipy.stats")
+_DEFER_LOCK = threading.RLock()
+
+
+class _DeferredModule(types.ModuleType):
+    """Placeholder in ``sys.modules``: the first attribute read imports the real module and takes its place."""
+
+    def __getattr__(self, attr: str) -> Any:  # only called for attributes the placeholder lacks
+        with _DEFER_LOCK:
+            if sys.modules.get(self.__name__) is self:
+                del sys.modules[self.__name__]
+                self.__dict__.update(importlib.import_module(self.__name__).__dict__)
+        return getattr(sys.modules[self.__name__], attr)
+
+
+def _defer_gx_imports() -> None:
+    if "great_expectations" in sys.modules:
+        return
+    for name in DEFERRED_GX_IMPORTS:
+        if name not in sys.modules and importlib.util.find_spec(name) is not None:
+            sys.modules[name] = _DeferredModule(name)
 
 
 def gx_context() -> tuple[Any, Any]:
@@ -91,6 +120,7 @@ def gx_context() -> tuple[Any, Any]:
     if not _GX:
         os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
         logging.getLogger("great_expectations").setLevel(logging.WARNING)
+        _defer_gx_imports()
         import great_expectations as gx
         import great_expectations.execution_engine.pandas_execution_engine as pandas_engine
         from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -109,16 +139,31 @@ def gx_context() -> tuple[Any, Any]:
     return _GX["context"], _GX["batch_definition"]
 
 
-def _run_suite(suite: Any, frame: Any, run_name: str, parameters: dict[str, Any]) -> Any:
-    """Run the suite on a pandas frame; the result stays in the context's store for the Data Docs."""
+def _register(suite: Any) -> Any:
+    """The validation definition of ``suite``, registered in the context unless it is already the current one.
+
+    Consecutive batches share one suite (times are parameters): registering it again would cost ~0.1 s of GX
+    bookkeeping per batch. The context holds one suite of this name, so only the latest is remembered.
+    """
     import great_expectations as gx
-    from great_expectations.core.run_identifier import RunIdentifier
 
     context, batch_definition = gx_context()
-    suite = context.suites.add_or_update(suite)
-    definition = context.validation_definitions.add_or_update(
-        gx.ValidationDefinition(name=ex.SUITE_NAME, data=batch_definition, suite=suite)
-    )
+    key = json.dumps(suite.to_json_dict(), sort_keys=True, default=str)
+    current = _GX.get("registered")
+    if current is None or current[0] != key:
+        suite = context.suites.add_or_update(suite)
+        definition = context.validation_definitions.add_or_update(
+            gx.ValidationDefinition(name=ex.SUITE_NAME, data=batch_definition, suite=suite)
+        )
+        current = _GX["registered"] = (key, definition)
+    return current[1]
+
+
+def _run_suite(suite: Any, frame: Any, run_name: str, parameters: dict[str, Any]) -> Any:
+    """Run the suite on a pandas frame; the result stays in the context's store for the Data Docs."""
+    from great_expectations.core.run_identifier import RunIdentifier
+
+    definition = _register(suite)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return definition.run(
@@ -151,7 +196,7 @@ def _import_results(results: list[tuple[tuple[str, ...], Any]]) -> None:
 def _build_data_docs(directory: str, suite: Any) -> None:
     """Render the Data Docs of this run's results into ``directory`` (once per run: rendering is slow)."""
     context, _ = gx_context()
-    context.suites.add_or_update(suite)
+    _register(suite)
     site = f"pipeline-{os.getpid()}"
     context.add_data_docs_site(
         site_name=site,
