@@ -111,8 +111,11 @@ def _defer_gx_imports() -> None:
     if "great_expectations" in sys.modules:
         return
     for name in DEFERRED_GX_IMPORTS:
-        if name not in sys.modules and importlib.util.find_spec(name) is not None:
-            sys.modules[name] = _DeferredModule(name)
+        spec = None if name in sys.modules else importlib.util.find_spec(name)
+        if spec is not None:
+            placeholder = _DeferredModule(name)
+            placeholder.__spec__ = spec  # what find_spec() and the import system read, without loading it
+            sys.modules[name] = placeholder
 
 
 def gx_context() -> tuple[Any, Any]:
