@@ -101,10 +101,13 @@ class _DeferredModule(types.ModuleType):
 
     def __getattr__(self, attr: str) -> Any:  # only called for attributes the placeholder lacks
         with _DEFER_LOCK:
-            if sys.modules.get(self.__name__) is self:
+            first = sys.modules.get(self.__name__) is self
+            if first:
                 del sys.modules[self.__name__]
-                self.__dict__.update(importlib.import_module(self.__name__).__dict__)
-        return getattr(sys.modules[self.__name__], attr)
+            real = importlib.import_module(self.__name__)  # a broken install raises its ImportError here, each time
+            if first:
+                self.__dict__.update(real.__dict__)  # later reads through the placeholder find them directly
+        return getattr(real, attr)
 
 
 def _defer_gx_imports() -> None:
