@@ -389,12 +389,18 @@ def _describe_failure(where: str, result: Any) -> str:
 
 def run_batch(task: BatchTask) -> BatchOutcome:
     """Validate one batch, write its clean and quarantined rows, and return its report entry."""
-    if not _IN_WORKER:
-        return _validate_batch(task)
-    _clear_results()  # a worker hands each batch's GX result back to the parent for the Data Docs
-    outcome = _validate_batch(task)
-    outcome.gx_results = _export_results()
-    return outcome
+    try:
+        if not _IN_WORKER:
+            return _validate_batch(task)
+        _clear_results()  # a worker hands each batch's GX result back to the parent for the Data Docs
+        outcome = _validate_batch(task)
+        outcome.gx_results = _export_results()
+        return outcome
+    finally:
+        # Some of a batch's big buffers end up in reference cycles that only a full collection frees, and
+        # those come rarely when the work is in NumPy: without this a process sometimes held two partitions
+        # (peak 0.65 to 1.2 GB run to run, now ~0.65 GB). Cheap, as GX's own objects are frozen.
+        gc.collect()
 
 
 def _validate_batch(task: BatchTask) -> BatchOutcome:
