@@ -201,12 +201,7 @@ def _buckets(lengths: np.ndarray, max_rows: int) -> np.ndarray:
     """Cut consecutive sessions (their row counts in order) into buckets of about ``max_rows`` rows, never
     splitting a session: the first session index of each bucket plus the end (``len(lengths)``)."""
     before = np.cumsum(lengths) - lengths
-    block = before // max(1, max_rows)
-    first = (
-        np.flatnonzero(np.insert(block[1:] != block[:-1], 0, True))
-        if len(lengths)
-        else np.zeros(1, dtype=np.int64)
-    )
+    first = _run_starts(before // max(1, max_rows)) if len(lengths) else np.zeros(1, dtype=np.int64)
     return np.append(first, len(lengths))
 
 

@@ -467,7 +467,7 @@ def _publish_s3(tmp_uri: str, final_uri: str, marker: str) -> Published:
     old = _file_sizes(fs, final_path)
     data = sorted(r for r in new if r != marker)
     reused = [r for r in data if old.get(r) == new[r] and is_content_addressed(r)]
-    copied = [r for r in data if r not in set(reused)]
+    copied = sorted(set(data) - set(reused))
     # 1. The new files beside the old ones: a reader of the old marker still finds everything it lists.
     _parallel(lambda r: fs.copy_file(f"{tmp_path}/{r}", f"{final_path}/{r}"), copied)
     # 2. The switch: one object replaced in one step; readers see the old marker or the new one, never none.
