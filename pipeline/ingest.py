@@ -27,6 +27,7 @@ import logging
 import posixpath
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -89,9 +90,23 @@ DIGINETICA_COLUMNS = {
 }
 RSC15_LINE = re.compile(r"^[^,]+,\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:?\d{2})?,[^,]+")
 PARTITION_DIR = re.compile(r"(?:^|/)dt=(\d{4}-\d{2}-\d{2})(?=/)")
+# In folders only files with these names are read (compressed or not); others are skipped and reported.
+DATA_SUFFIXES = (".tsv", ".tab", ".csv", ".dat") + PARQUET_SUFFIXES
+# Why a line was taken out while reading (the quarantine ``reason``), in the order a line's first reason is picked.
+LINE_REASONS = ("malformed_row", "repeated_header", "bad_encoding", "bad_timestamp")
+REJECT_SCHEMA = pa.schema(
+    [("row", pa.int64()), ("line", pa.int64()), ("reason", pa.string()), ("raw", pa.string())]
+)
+MAX_RAW_CHARS = 500  # raw text kept per rejected line
+# Parquet key-value metadata that carries what a source format implies (written by imports and validation).
+ORDERED_KEY = b"pipeline.ordered"
+FORMAT_KEY = b"pipeline.format"
 SNIFF_BYTES = 1 << 16
 READ_THREADS = 4
-_MAX_SECONDS = 9.0e12  # beyond this a unix-seconds value overflows int64 microseconds
+_MAX_SECONDS = 9.0e12  # beyond this a unix-seconds value overflows int64 microseconds: clipped to it
+_IMPLAUSIBLE_SECONDS = 1.0e11  # after year 5138: a file mostly beyond this is in a finer unit than configured
+NUMBER_TEXT = r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"
+ISO_TEXT = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?$"
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,19 @@ class FileRead:
     ordered: bool
     needs_sessions: bool = False  # user-only log: session ids still to be derived
     problems: list[SchemaProblem] = field(default_factory=list)
+    # Lines taken out while reading (malformed, repeated header, not UTF-8, unparseable time): REJECT_SCHEMA.
+    rejected: pa.Table = field(default_factory=lambda: REJECT_SCHEMA.empty_table())
+    # Each table row's data-row number in the file (0-based, rejected lines counted); None: 0, 1, 2, ...
+    source_rows: np.ndarray | None = None
+    first_line: int | None = None  # text files: the line number (1-based) of data row 0
+
+    def row_numbers(self) -> np.ndarray:
+        return self.source_rows if self.source_rows is not None else np.arange(self.table.num_rows, dtype=np.int64)
+
+    @property
+    def rows_in(self) -> int:
+        """Every data row of the file: the ones read and the ones rejected."""
+        return self.table.num_rows + self.rejected.num_rows
 
 
 @dataclass(frozen=True)
@@ -126,6 +154,7 @@ class Batch:
     name: str
     files: tuple[str, ...]
     partition_end: dt.datetime | None  # exclusive end of a dt= partition (its day + 1), else None
+    skipped: tuple[str, ...] = ()  # files of the folder that are not data (README.txt, .crc, _SUCCESS, ...)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,13 +210,44 @@ def _partition_dir(uri: str) -> str | None:
     return str(uri)[: matches[-1].end()] if matches else None
 
 
+def is_data_file(name: str) -> bool:
+    """A file a folder's listing reads: a known data extension (README.txt, .crc, .json, ... are not)."""
+    return _base_name(name).endswith(DATA_SUFFIXES)
+
+
+def list_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(data files, skipped files)`` of the inputs: folders give their data files (see :func:`is_data_file`;
+    hidden and ``_`` names are skipped too), a file named directly is always read."""
+    skipped: list[str] = []
+    files = storage.expand(inputs, accept=is_data_file, skipped=skipped)
+    if skipped:
+        log.info("skipped %d file(s) that are not data: %s", len(skipped), ", ".join(skipped[:5]))
+    return files, skipped
+
+
 def plan_batches(inputs: Sequence[str]) -> list[Batch]:
     """Group input files into validation batches: one per ``dt=`` folder, one per other file."""
+    files, skipped = list_inputs(inputs)
     groups: dict[str, list[str]] = {}
-    for uri in storage.expand(inputs):
+    for uri in files:
         groups.setdefault(_partition_dir(uri) or uri, []).append(uri)
+    # A skipped file is reported with the batch of its dt= folder, else with the first batch of its folder.
+    owner = {key: key for key in groups}
+    for key in groups:
+        owner.setdefault(storage.parent(key), key)
+    passed_over: dict[str, list[str]] = {}
+    first = next(iter(groups), None)
+    for uri in skipped:
+        key = owner.get(_partition_dir(uri) or storage.parent(uri), first)
+        if key is not None:
+            passed_over.setdefault(key, []).append(uri)
     return [
-        Batch(name=storage.basename(key), files=tuple(files), partition_end=partition_end(files[0]))
+        Batch(
+            name=storage.basename(key),
+            files=tuple(files),
+            partition_end=partition_end(files[0]),
+            skipped=tuple(passed_over.get(key, ())),
+        )
         for key, files in groups.items()
     ]
 
@@ -223,8 +283,11 @@ def _check_text(uri: str, head: bytes) -> str:
     try:
         return decoder.decode(head, final=len(head) < SNIFF_BYTES)
     except UnicodeDecodeError as exc:
+        if b"\n" in head[: exc.start]:  # a bad byte in a data line: that line is quarantined (bad_encoding)
+            return head.decode("utf-8", "replace")
         raise InputError(
-            f"{uri}: not UTF-8 text (invalid byte 0x{head[exc.start]:02x} at offset {exc.start}); re-encode it as UTF-8"
+            f"{uri}: not UTF-8 text (invalid byte 0x{head[exc.start]:02x} at offset {exc.start} of the first "
+            f"line); re-encode it as UTF-8"
         ) from None
 
 
@@ -263,39 +326,155 @@ def _as_id(arr: pa.ChunkedArray | pa.Array, keep_dictionary: bool = False) -> pa
     """Ids as strings: strings and integers convert, anything else (floats, nested, ...) is a wrong type."""
     typ = arr.type
     if pa.types.is_dictionary(typ) and keep_dictionary and pa.types.is_string(typ.value_type):
-        return arr.cast(ID_DICTIONARY)
+        return _blank_entries_to_null(_chunked(arr).cast(ID_DICTIONARY))
     if pa.types.is_dictionary(typ):
         arr = arr.cast(typ.value_type)
         typ = arr.type
     if pa.types.is_string(typ):
-        return arr
-    if pa.types.is_large_string(typ) or pa.types.is_string_view(typ) or pa.types.is_integer(typ):
-        return arr.cast(pa.string())
-    if pa.types.is_null(typ):
-        return arr.cast(pa.string())
+        return _blanks_to_null(_chunked(arr))
+    if pa.types.is_large_string(typ) or pa.types.is_string_view(typ):
+        return _blanks_to_null(_chunked(arr).cast(pa.string()))
+    if pa.types.is_integer(typ) or pa.types.is_null(typ):
+        return _chunked(arr).cast(pa.string())
     return None
 
 
 def _numbers_to_timestamp(arr: pa.ChunkedArray, factor: int) -> pa.ChunkedArray:
-    """Unix times in units of ``factor`` microseconds; non-finite or out-of-range values become null."""
+    """Unix times in units of ``factor`` microseconds; NaN becomes null.
+
+    Values beyond what microseconds can hold (a year past ~285,000) are clipped to that bound, so the
+    validation's ``timestamp_window`` rule quarantines them like any other time outside the window.
+    """
     limit = _MAX_SECONDS * 1e6 / factor
     chunks = []
     for chunk in arr.chunks:
         valid = np.asarray(chunk.is_valid().to_numpy(zero_copy_only=False), dtype=bool)
         if pa.types.is_integer(chunk.type):
             ints = chunk.fill_null(0).to_numpy().astype(np.int64, copy=False)
-            valid &= np.abs(ints) < limit
-            micros = np.where(valid, ints, 0) * factor
+            micros = np.clip(ints, -limit, limit).astype(np.int64) * factor
         else:
             values = chunk.fill_null(0.0).to_numpy().astype(np.float64, copy=False)
-            valid &= np.isfinite(values) & (np.abs(values) < limit)
+            valid &= ~np.isnan(values)
             # round(), not truncation: 1396437466.94 s must become ...466940000 us, not ...466939999.
-            micros = np.round(np.where(valid, values, 0.0) * factor).astype(np.int64)
+            micros = np.round(np.clip(np.where(valid, values, 0.0), -limit, limit) * factor).astype(np.int64)
         chunks.append(pa.array(micros, type=pa.int64(), mask=~valid).cast(TIMESTAMP_TYPE))
     return pa.chunked_array(chunks, type=TIMESTAMP_TYPE)
 
 
-def _strings_to_timestamp(arr: pa.ChunkedArray) -> pa.ChunkedArray | None:
+def check_timestamp_unit(uri: str, source: str, times: pa.ChunkedArray, unit: str) -> None:
+    """A clear error when most numeric times of a file lie after year 5000: they are in a finer unit than
+    ``ingest.timestamp_unit`` (milliseconds read as seconds, ...). A few such rows are left to the window rule."""
+    micros = times.cast(pa.int64()).drop_null().to_numpy()
+    if micros.size == 0:
+        return
+    seconds = np.abs(micros.astype(np.float64)) / 1e6
+    share = float(np.mean(seconds > _IMPLAUSIBLE_SECONDS))
+    if share <= 0.5:
+        return
+    factor = TIMESTAMP_UNITS[unit]
+    typical = float(np.median(seconds))
+    finer = [u for u, f in TIMESTAMP_UNITS.items() if f < factor and typical * f / factor < _IMPLAUSIBLE_SECONDS]
+    hint = f"they look like {finer[0]!r}: set ingest.timestamp_unit={finer[0]}" if finer else (
+        "no supported unit (s, ms, us) makes them plausible: convert them to one")
+    raise InputError(
+        f"{uri}: column {source!r}: {share:.0%} of the timestamps are after year 5000 when read as "
+        f"ingest.timestamp_unit={unit!r}; {hint} (e.g. --set ingest.timestamp_unit={finer[0] if finer else 'ms'})"
+    )
+
+
+_CONVERSION_ERRORS = (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, ValueError)
+
+
+def _failing(arr: pa.Array, convert: Callable[[pa.Array], Any], offset: int = 0) -> list[int]:
+    """Positions of the values that make ``convert`` fail, found by halving (cheap for a few bad values)."""
+    try:
+        convert(arr)
+        return []
+    except _CONVERSION_ERRORS:
+        if len(arr) <= 1:
+            return [offset] if len(arr) else []
+    mid = len(arr) // 2
+    return _failing(arr.slice(0, mid), convert, offset) + _failing(arr.slice(mid), convert, offset + mid)
+
+
+def convert_values(
+    arr: pa.ChunkedArray, convert: Callable[[pa.Array], Any], pattern: str | None = None
+) -> tuple[pa.Array, np.ndarray]:
+    """``convert`` a text column with the values it cannot convert set to null: ``(converted, bad mask)``.
+
+    The whole column is tried first; when that fails, values not matching ``pattern`` are set aside, and the
+    few that still fail are found by halving. Arrow does every conversion; this only isolates bad values.
+    """
+    whole = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    bad = np.zeros(len(whole), dtype=bool)
+    try:
+        return convert(whole), bad
+    except _CONVERSION_ERRORS:
+        pass
+    if pattern is not None:
+        ok = pc.fill_null(pc.match_substring_regex(whole, pattern), True)
+        bad |= ~np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool)
+    if bad.any():
+        whole = pc.if_else(pa.array(bad), pa.scalar(None, whole.type), whole)
+    for i in _failing(whole, convert):
+        bad[i] = True
+    if bad.any():
+        whole = pc.if_else(pa.array(bad), pa.scalar(None, whole.type), whole)
+    return convert(whole), bad
+
+
+def _decode(arr: pa.ChunkedArray) -> tuple[pa.ChunkedArray, np.ndarray]:
+    """Binary cells as UTF-8 text: ``(strings, bad mask)``; a value that is not UTF-8 becomes null."""
+    try:
+        return arr.cast(pa.string()), np.zeros(len(arr), dtype=bool)
+    except pa.ArrowInvalid:
+        pass
+    values = arr.to_pylist()  # rare path (a file with bad bytes): one Python pass finds them
+    bad = np.zeros(len(values), dtype=bool)
+    for i, value in enumerate(values):
+        if value is not None:
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError:
+                bad[i] = True
+                values[i] = None
+    return pa.chunked_array([pa.array(values, type=pa.binary()).cast(pa.string())]), bad
+
+
+def _blanks_to_null(arr: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Empty and whitespace-only strings as null: an id made of nothing is a missing id."""
+    if len(arr) == 0:
+        return arr
+    blank = pc.or_(pc.utf8_is_space(arr), pc.equal(pc.binary_length(arr), 0))
+    if not pc.any(blank).as_py():
+        return arr
+    return pc.if_else(blank, pa.scalar(None, arr.type), arr)
+
+
+def _blank_entries_to_null(arr: pa.ChunkedArray) -> pa.ChunkedArray:
+    """:func:`_blanks_to_null` for dictionary-encoded ids: only the (small) dictionaries are looked at."""
+    chunks = []
+    for chunk in arr.chunks:
+        blank = _blanks_to_null(pa.chunked_array([chunk.dictionary])).is_null().to_numpy(zero_copy_only=False)
+        if blank.any():
+            codes = pa.array(np.flatnonzero(blank), type=chunk.indices.type)
+            gone = pc.is_in(chunk.indices, value_set=codes)
+            indices = pc.if_else(gone, pa.scalar(None, chunk.indices.type), chunk.indices)
+            chunk = pa.DictionaryArray.from_arrays(indices, chunk.dictionary)
+        chunks.append(chunk)
+    return pa.chunked_array(chunks, type=arr.type)
+
+
+def _strings_to_timestamp(arr: pa.Array) -> pa.Array | None:
+    """ISO-8601 text as timestamps: with a zone (Z, +02:00), without (taken as UTC), or a mix; None if any
+    value does not parse (see :func:`convert_values` for picking those out)."""
+    try:
+        return _iso_times(arr)
+    except pa.ArrowInvalid:
+        return None
+
+
+def _iso_times(arr: pa.Array) -> pa.Array:
     try:
         return arr.cast(TIMESTAMP_TYPE)  # ISO 8601 with a zone (Z, +02:00)
     except pa.ArrowInvalid:
@@ -304,14 +483,31 @@ def _strings_to_timestamp(arr: pa.ChunkedArray) -> pa.ChunkedArray | None:
         return arr.cast(pa.timestamp("us")).cast(TIMESTAMP_TYPE)  # no zone: taken as UTC
     except pa.ArrowInvalid:
         pass
-    try:  # a mix of both
-        zoned = pc.match_substring_regex(arr, r"(Z|[+-]\d\d:?\d\d)$")
-        none = pa.scalar(None, pa.string())
-        with_zone = pc.if_else(zoned, arr, none).cast(TIMESTAMP_TYPE)
-        without = pc.if_else(zoned, none, arr).cast(pa.timestamp("us")).cast(TIMESTAMP_TYPE)
-        return pc.coalesce(with_zone, without)
-    except pa.ArrowInvalid:
+    zoned = pc.match_substring_regex(arr, r"(Z|[+-]\d\d:?\d\d)$")  # a mix of both
+    none = pa.scalar(None, arr.type)
+    with_zone = pc.if_else(zoned, arr, none).cast(TIMESTAMP_TYPE)
+    without = pc.if_else(zoned, none, arr).cast(pa.timestamp("us")).cast(TIMESTAMP_TYPE)
+    return pc.coalesce(with_zone, without)
+
+
+def text_times(arr: pa.ChunkedArray, unit: str, iso: bool | None) -> tuple[pa.ChunkedArray, np.ndarray] | None:
+    """Timestamps from text, per value: ``(times, bad mask)``; None when no value parses at all.
+
+    ``iso``: True for ISO-8601 text, False for numbers in ``unit`` (``s``, ``ms``, ``us``), None for whichever
+    most values are. A value of the other kind, or one that does not parse, is null and flagged bad.
+    """
+    def numbers(a: pa.Array) -> pa.ChunkedArray:
+        return _numbers_to_timestamp(pa.chunked_array([a.cast(pa.float64())]), TIMESTAMP_UNITS[unit])
+
+    whole = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
+    present = len(whole) - whole.null_count
+    if iso is None:
+        numeric = pc.sum(pc.match_substring_regex(whole, NUMBER_TEXT)).as_py() or 0 if present else 0
+        iso = numeric * 2 <= present
+    times, bad = convert_values(whole, _iso_times if iso else numbers, ISO_TEXT if iso else NUMBER_TEXT)
+    if present and int(bad.sum()) == present:
         return None
+    return _chunked(times).cast(TIMESTAMP_TYPE), bad
 
 
 def _as_timestamp(arr: pa.ChunkedArray, unit: str) -> pa.ChunkedArray | None:
@@ -433,17 +629,53 @@ def _convert_time(uri, source, arr, unit, problems: list[SchemaProblem]):
 
 
 # ---------------------------------------------------------------------------------------------
-# CSV reading with clear errors
+# Delimited text, line by line: a bad line is set aside with its reason, the good lines go on
+
+
+class _MalformedLines:
+    """Arrow's invalid-row handler: keeps the lines that do not split into the expected columns (it may be
+    called from Arrow's reader threads, hence the lock)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[int | None, str]] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, row: Any) -> str:
+        with self._lock:
+            self.lines.append((row.number, row.text[:MAX_RAW_CHARS]))
+        return "skip"
+
+
+@dataclass
+class _Lines:
+    """A delimited file read as text: the rows that split into the expected columns, and what was set aside."""
+
+    uri: str
+    table: pa.Table  # the included columns as UTF-8 strings (a cell that is not UTF-8: null, flagged)
+    cells: pa.Table  # the same cells as read (bytes), for the raw text of a rejected row
+    delimiter: str
+    first_line: int | None  # physical line number (1-based) of the first data row; None: not a text file
+    rows: np.ndarray  # each table row's data-row number (0-based, malformed lines counted)
+    malformed: list[tuple[int, int, str]]  # (data row, line, raw text)
+    flags: dict[str, np.ndarray] = field(default_factory=dict)  # reason -> mask over the table's rows
+
+    def flag(self, reason: str, mask: np.ndarray) -> None:
+        if mask.any():
+            self.flags[reason] = self.flags.get(reason, np.zeros(len(mask), dtype=bool)) | mask
 
 
 def _csv_error(uri: str, fmt: str, exc: Exception) -> InputError:
-    text = str(exc)
-    if "UTF8" in text or "UTF-8" in text:
-        return InputError(f"{uri}: not UTF-8 text ({text}); re-encode it as UTF-8")
-    return InputError(f"{uri}: malformed {fmt} file ({text}); check the delimiter and the column count")
+    return InputError(f"{uri}: malformed {fmt} file ({exc}); check the delimiter and the column count")
 
 
-_CONVERSION = re.compile(r"In CSV column #(\d+): CSV conversion error to (\w+)")
+def _parse_csv(uri: str, fmt: str, read: Any, parse: Any, convert: Any) -> pa.Table:
+    try:
+        with _open_text(uri) as stream:
+            return pacsv.read_csv(stream, read_options=read, parse_options=parse, convert_options=convert)
+    except pa.ArrowInvalid as exc:
+        raise _csv_error(uri, fmt, exc) from None
+    except OSError as exc:
+        raise InputError(f"{uri}: cannot read ({exc})") from None
 
 
 def _read_csv(
@@ -453,43 +685,117 @@ def _read_csv(
     delimiter: str,
     header: list[str],
     has_header: bool,
-    types: dict[str, pa.DataType],
     include: list[str],
     null_values: Sequence[str] = ("",),
-    problems: list[SchemaProblem],
-    canonical_of: dict[str, str],
-) -> pa.Table:
-    """Read a delimited file; a column whose values do not convert is re-read as text and noted as a problem."""
-    types = dict(types)
-    while True:
-        read = pacsv.ReadOptions(
-            column_names=None if has_header else header, block_size=16 << 20, use_threads=True
+) -> _Lines:
+    """Read the ``include`` columns of a delimited file as text, setting bad lines aside.
+
+    A line with too few or too many columns is ``malformed_row`` (Arrow's invalid-row handler); a line that
+    repeats the header is ``repeated_header``; a cell that is not UTF-8 makes its line ``bad_encoding``.
+    Converting values (times, numbers) is the caller's, per value, with :func:`convert_values`.
+    """
+    include = include or header[:1]  # [] would mean "all columns"
+    convert = pacsv.ConvertOptions(
+        column_types={name: pa.binary() for name in include},
+        include_columns=include,
+        null_values=list(null_values),
+        strings_can_be_null=True,
+        quoted_strings_can_be_null=True,
+    )
+    first_line = 2 if has_header else 1
+    for threads in (True, False):
+        bad = _MalformedLines()
+        read = pacsv.ReadOptions(column_names=None if has_header else header, block_size=16 << 20, use_threads=threads)
+        parse = pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=bad)
+        cells = _parse_csv(uri, fmt, read, parse, convert)
+        if all(number is not None for number, _ in bad.lines):
+            break  # Arrow's threaded reader does not number bad lines: read again in one thread to number them
+    if cells.num_rows == 0 and bad.lines:
+        raise InputError(
+            f"{uri}: malformed {fmt} file: no line has the {len(header)} columns of "
+            f"{'the header' if has_header else 'the format'} (first line {bad.lines[0][1][:120]!r}); "
+            f"check the delimiter and the format"
         )
-        parse = pacsv.ParseOptions(delimiter=delimiter)
-        convert = pacsv.ConvertOptions(
-            column_types=types,
-            include_columns=include or header[:1],  # [] would mean "all columns"
-            null_values=list(null_values),
-            strings_can_be_null=True,
-            quoted_strings_can_be_null=True,
+    # A malformed line's data-row number: its line less the header lines (blank lines are not counted).
+    numbered = sorted((int(number), text) for number, text in bad.lines)  # type: ignore[arg-type]
+    malformed = [(line - first_line, line, text) for line, text in numbered]
+    n = cells.num_rows + len(malformed)
+    rows = np.delete(np.arange(n, dtype=np.int64), [m[0] for m in malformed]) if malformed else np.arange(n)
+    table, decode_bad = {}, np.zeros(cells.num_rows, dtype=bool)
+    for name in cells.column_names:
+        table[name], bad_cells = _decode(cells.column(name))
+        decode_bad |= bad_cells
+    lines = _Lines(uri, pa.table(table), cells, delimiter, first_line, rows, malformed)
+    if has_header and cells.num_rows:
+        repeated = np.ones(cells.num_rows, dtype=bool)
+        for name in cells.column_names:
+            same = pc.fill_null(pc.equal(cells.column(name), pa.scalar(name.encode(), pa.binary())), False)
+            repeated &= np.asarray(same.to_numpy(zero_copy_only=False), dtype=bool)
+        lines.flag("repeated_header", repeated)
+    lines.flag("bad_encoding", decode_bad)
+    return lines
+
+
+def _text_time_column(
+    lines: _Lines, uri: str, source: str, unit: str, iso: bool | None, problems: list[SchemaProblem]
+) -> pa.ChunkedArray | None:
+    """The timestamp column of a text file, per value (bad ones flagged ``bad_timestamp``); a column where no
+    value is a time is a whole-file ``column_type`` problem (it is not this format's time column at all)."""
+    arr = lines.table.column(source)
+    parsed = text_times(arr, unit, iso)
+    if parsed is None:
+        kind = "ISO-8601 times" if iso else f"numbers (unix time in {unit!r})" if iso is False else "times"
+        sample = arr.drop_null()[0].as_py() if arr.null_count < len(arr) else None
+        problems.append(
+            SchemaProblem(uri, TIMESTAMP, "column_type", f"{source!r} holds no {kind}, e.g. {sample!r}")
         )
-        try:
-            with _open_text(uri) as stream:
-                return pacsv.read_csv(stream, read_options=read, parse_options=parse, convert_options=convert)
-        except pa.ArrowInvalid as exc:
-            match = _CONVERSION.search(str(exc))
-            if match and "UTF8" not in str(exc):
-                source = header[int(match.group(1))] if int(match.group(1)) < len(header) else f"#{match.group(1)}"
-                if types.get(source) not in (None, pa.string()):
-                    canonical = canonical_of.get(source, source)
-                    problems.append(
-                        SchemaProblem(uri, canonical, "column_type", f"{source!r} holds values that are not {match.group(2)}: {exc}")
-                    )
-                    types[source] = pa.string()
-                    continue
-            raise _csv_error(uri, fmt, exc) from None
-        except OSError as exc:
-            raise InputError(f"{uri}: cannot read ({exc})") from None
+        return arr
+    times, bad = parsed
+    if iso is not True:  # numbers (or possibly numbers): a file of milliseconds read as seconds is an error
+        check_timestamp_unit(uri, source, times, unit)
+    lines.flag("bad_timestamp", bad & ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool))
+    return times
+
+
+def _finish_text(
+    lines: _Lines, fmt: str, columns: dict[str, Any], problems: list[SchemaProblem], ordered: bool
+) -> FileRead:
+    """Take the flagged rows out of ``columns`` into the rejected lines, then assemble the canonical table."""
+    n = lines.table.num_rows
+    reason = np.full(n, -1, dtype=np.int8)
+    for code, name in reversed(list(enumerate(LINE_REASONS))):  # the first reason in LINE_REASONS wins
+        if name in lines.flags:
+            reason[lines.flags[name]] = code
+    bad = reason >= 0
+    rejected_rows = [(row, line, LINE_REASONS[0], text) for row, line, text in lines.malformed]
+    if bad.any():
+        picked = np.flatnonzero(bad)
+        raw = _raw_lines(lines.cells.take(pa.array(picked)), lines.delimiter)
+        for row, code, text in zip(lines.rows[picked], reason[picked], raw, strict=True):
+            line = None if lines.first_line is None else int(row) + lines.first_line
+            rejected_rows.append((int(row), line, LINE_REASONS[code], text))
+        keep = pa.array(~bad)
+        columns = {k: (v.filter(keep) if v is not None else None) for k, v in columns.items()}
+        n -= len(picked)
+    result = _assemble(lines.uri, fmt, n, columns, problems, ordered)
+    result.source_rows = lines.rows[~bad] if (bad.any() or lines.malformed) else None
+    result.first_line = lines.first_line
+    if rejected_rows:
+        rejected_rows.sort()
+        result.rejected = pa.table(list(zip(*rejected_rows, strict=True)), schema=REJECT_SCHEMA)
+    return result
+
+
+def _raw_lines(cells: pa.Table, delimiter: str) -> list[str]:
+    """The cells of a few rows joined back into text (bytes that are not UTF-8 shown as ``\\xNN``)."""
+
+    def text(value: Any) -> str:
+        if value is None:
+            return ""
+        return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
+
+    columns = [cells.column(i).to_pylist() for i in range(cells.num_columns)]
+    return [delimiter.join(map(text, values))[:MAX_RAW_CHARS] for values in zip(*columns, strict=True)]
 
 
 def _header_cells(uri: str, fmt: str, line: str, delimiter: str, required: Sequence[Sequence[str]]) -> list[str]:
@@ -522,21 +828,18 @@ def _read_gru4rec(uri: str, head: str, config: IngestConfig) -> FileRead:
     problems: list[SchemaProblem] = []
     cells = _header_cells(uri, fmt.name, _first_line(head), "\t", [["SessionId"], ["ItemId"], ["Time"]])
     include = [c for c in ("SessionId", "ItemId", "Time") if c in cells]
-    table = _read_csv(
-        uri, fmt.name, delimiter="\t", header=cells, has_header=True, include=include, problems=problems,
-        types={"SessionId": pa.string(), "ItemId": pa.string(), "Time": pa.float64()},
-        canonical_of={"SessionId": SESSION_ID, "ItemId": ITEM_ID, "Time": TIMESTAMP},
-    )  # fmt: skip
+    lines = _read_csv(uri, fmt.name, delimiter="\t", header=cells, has_header=True, include=include)
 
     def get(name: str) -> pa.ChunkedArray | None:
-        return table.column(name) if name in table.column_names else None
+        return lines.table.column(name) if name in lines.table.column_names else None
 
     columns = {
         SESSION_ID: _convert_id(uri, SESSION_ID, "SessionId", get("SessionId"), problems),
         ITEM_ID: _convert_id(uri, ITEM_ID, "ItemId", get("ItemId"), problems),
-        TIMESTAMP: _convert_time(uri, "Time", get("Time"), "s", problems),
+        TIMESTAMP: _text_time_column(lines, uri, "Time", "s", False, problems) if get("Time") is not None
+        else _convert_time(uri, "Time", None, "s", problems),
     }
-    return _assemble(uri, fmt.name, table.num_rows, columns, problems, fmt.ordered)
+    return _finish_text(lines, fmt.name, columns, problems, fmt.ordered)
 
 
 def _read_rsc15(uri: str, head: str, config: IngestConfig) -> FileRead:
@@ -552,17 +855,29 @@ def _read_rsc15(uri: str, head: str, config: IngestConfig) -> FileRead:
         )
     names = ["session", "time", "item"] + [f"extra{i}" for i in range(width - 3)]
     problems: list[SchemaProblem] = []
-    table = _read_csv(
-        uri, fmt.name, delimiter=",", header=names, has_header=False, include=["session", "time", "item"],
-        types={"session": pa.string(), "time": TIMESTAMP_TYPE, "item": pa.string()}, problems=problems,
-        canonical_of={"session": SESSION_ID, "item": ITEM_ID, "time": TIMESTAMP},
-    )  # fmt: skip
+    lines = _read_csv(
+        uri, fmt.name, delimiter=",", header=names, has_header=False, include=["session", "time", "item"]
+    )
     columns = {
-        SESSION_ID: _convert_id(uri, SESSION_ID, "session", table.column("session"), problems),
-        ITEM_ID: _convert_id(uri, ITEM_ID, "item", table.column("item"), problems),
-        TIMESTAMP: _convert_time(uri, "time", table.column("time"), "s", problems),
+        SESSION_ID: _convert_id(uri, SESSION_ID, "session", lines.table.column("session"), problems),
+        ITEM_ID: _convert_id(uri, ITEM_ID, "item", lines.table.column("item"), problems),
+        TIMESTAMP: _text_time_column(lines, uri, "time", "s", True, problems),
     }
-    return _assemble(uri, fmt.name, table.num_rows, columns, problems, fmt.ordered)
+    return _finish_text(lines, fmt.name, columns, problems, fmt.ordered)
+
+
+def _diginetica_times(lines: _Lines, uri: str, frame_col: str, date_col: str, problems: list[SchemaProblem]):
+    """time = eventdate (UTC midnight) + timeframe (ms); a row whose date or frame does not parse is flagged."""
+    frame, bad_frame = convert_values(lines.table.column(frame_col), lambda a: a.cast(pa.int64()), r"^-?\d+$")
+    date, bad_date = convert_values(lines.table.column(date_col), lambda a: a.cast(pa.date32()), r"^\d{4}-\d{2}-\d{2}$")
+    present = len(frame) - frame.null_count
+    if present == 0 and (bad_frame.any() or bad_date.any()):
+        problems.append(SchemaProblem(uri, TIMESTAMP, "column_type", f"{frame_col!r} / {date_col!r} hold no times"))
+        return lines.table.column(frame_col)
+    lines.flag("bad_timestamp", bad_frame | bad_date)
+    midnight = date.cast(pa.timestamp("us")).cast(pa.int64())
+    micros = pc.add(midnight, pc.multiply(frame, 1000))
+    return _chunked(micros.cast(pa.timestamp("us")).cast(TIMESTAMP_TYPE))
 
 
 def _read_diginetica(uri: str, head: str, config: IngestConfig) -> FileRead:
@@ -570,37 +885,26 @@ def _read_diginetica(uri: str, head: str, config: IngestConfig) -> FileRead:
     cells = _header_cells(uri, fmt.name, _first_line(head), ";", list(DIGINETICA_COLUMNS.values()))
     src = {key: next((n for n in names if n in cells), None) for key, names in DIGINETICA_COLUMNS.items()}
     problems: list[SchemaProblem] = []
-    types = {src["session"]: pa.string(), src["user"]: pa.string(), src["item"]: pa.string(),
-             src["timeframe"]: pa.int64(), src["eventdate"]: pa.date32()}  # fmt: skip
-    types = {k: v for k, v in types.items() if k is not None}
-    table = _read_csv(
-        uri, fmt.name, delimiter=";", header=cells, has_header=True, include=list(types), types=types,
-        null_values=("", "NA"), problems=problems,
-        canonical_of={src["session"]: SESSION_ID, src["item"]: ITEM_ID, src["user"]: USER_ID,
-                      src["timeframe"]: TIMESTAMP, src["eventdate"]: TIMESTAMP},
-    )  # fmt: skip
+    include = [name for name in src.values() if name is not None]
+    lines = _read_csv(
+        uri, fmt.name, delimiter=";", header=cells, has_header=True, include=include, null_values=("", "NA")
+    )
 
     def get(key: str) -> pa.ChunkedArray | None:
-        return table.column(src[key]) if src[key] is not None else None
+        return lines.table.column(src[key]) if src[key] is not None else None
 
     columns: dict[str, Any] = {
         SESSION_ID: _convert_id(uri, SESSION_ID, "session_id", get("session"), problems),
         ITEM_ID: _convert_id(uri, ITEM_ID, "item_id", get("item"), problems),
         USER_ID: _as_id(get("user")) if get("user") is not None else None,
     }
-    frame, date = get("timeframe"), get("eventdate")
-    if frame is None or date is None:
-        missing = "timeframe" if frame is None else "eventdate"
+    if src["timeframe"] is None or src["eventdate"] is None:
+        missing = "timeframe" if src["timeframe"] is None else "eventdate"
         problems.append(SchemaProblem(uri, TIMESTAMP, "required_column", f"source column {missing!r} is missing"))
         columns[TIMESTAMP] = None
-    elif not pa.types.is_integer(frame.type) or not pa.types.is_date(date.type):
-        bad = frame if not pa.types.is_integer(frame.type) else date
-        columns[TIMESTAMP] = bad  # already noted by _read_csv; left as text for the type expectation
     else:
-        midnight = date.cast(pa.timestamp("us")).cast(pa.int64())
-        micros = pc.add(midnight, pc.multiply(frame, 1000))
-        columns[TIMESTAMP] = micros.cast(pa.timestamp("us")).cast(TIMESTAMP_TYPE)
-    return _assemble(uri, fmt.name, table.num_rows, columns, problems, fmt.ordered)
+        columns[TIMESTAMP] = _diginetica_times(lines, uri, src["timeframe"], src["eventdate"], problems)
+    return _finish_text(lines, fmt.name, columns, problems, fmt.ordered)
 
 
 def _source_names(config: IngestConfig, available: Sequence[str]) -> dict[str, str | None]:
@@ -617,11 +921,13 @@ def _source_names(config: IngestConfig, available: Sequence[str]) -> dict[str, s
 def _generic(
     uri: str,
     fmt: str,
-    table: pa.Table,
+    lines: _Lines,
     config: IngestConfig,
     problems: list[SchemaProblem],
     keep_dictionary: bool = False,
+    ordered: bool | None = None,
 ) -> FileRead:
+    table = lines.table
     src = _source_names(config, table.column_names)
 
     def get(name: str) -> pa.ChunkedArray | None:
@@ -636,7 +942,13 @@ def _generic(
             continue
         keep = keep_dictionary
         columns[name] = _convert_id(uri, name, src[name] or ALIASES[name][0], get(name), problems, keep)
-    columns[TIMESTAMP] = _convert_time(uri, src[TIMESTAMP] or TIMESTAMP, get(TIMESTAMP), config.timestamp_unit, problems)
+    time_source, times = src[TIMESTAMP] or TIMESTAMP, get(TIMESTAMP)
+    if times is not None and (pa.types.is_string(times.type) or pa.types.is_large_string(times.type)):
+        columns[TIMESTAMP] = _text_time_column(lines, uri, time_source, config.timestamp_unit, None, problems)
+    else:
+        columns[TIMESTAMP] = _convert_time(uri, time_source, times, config.timestamp_unit, problems)
+        if times is not None and (pa.types.is_integer(times.type) or pa.types.is_floating(times.type)):
+            check_timestamp_unit(uri, time_source, columns[TIMESTAMP], config.timestamp_unit)
     for name in (USER_ID, EVENT_TYPE):
         arr = get(name)
         if arr is not None:
@@ -644,7 +956,7 @@ def _generic(
             if converted is None:
                 problems.append(SchemaProblem(uri, name, "column_type", f"{src[name]!r} is {arr.type}, expected text"))
             columns[name] = converted if converted is not None else arr
-    return _assemble(uri, fmt, table.num_rows, columns, problems, FORMATS[fmt].ordered)
+    return _finish_text(lines, fmt, columns, problems, FORMATS[fmt].ordered if ordered is None else ordered)
 
 
 def _read_csv_generic(uri: str, head: str, config: IngestConfig) -> FileRead:
@@ -656,14 +968,9 @@ def _read_csv_generic(uri: str, head: str, config: IngestConfig) -> FileRead:
     cells = _header_cells(uri, "csv", line, delimiter, required)
     src = _source_names(config, cells)
     include = [s for s in src.values() if s is not None and s in cells]
-    # Ids are text whatever they look like (leading zeros matter); the timestamp's type is inferred.
-    types = {src[n]: pa.string() for n in (SESSION_ID, ITEM_ID, USER_ID, EVENT_TYPE) if src[n] in cells}
-    problems: list[SchemaProblem] = []
-    table = _read_csv(
-        uri, "csv", delimiter=delimiter, header=cells, has_header=True, include=include, types=types,
-        problems=problems, canonical_of={v: k for k, v in src.items() if v is not None},
-    )  # fmt: skip
-    return _generic(uri, "csv", table, config, problems)
+    # Everything is read as text (ids keep leading zeros); times are parsed per value, numbers or ISO-8601.
+    lines = _read_csv(uri, "csv", delimiter=delimiter, header=cells, has_header=True, include=include)
+    return _generic(uri, "csv", lines, config, [])
 
 
 def _read_parquet(uri: str, config: IngestConfig, columns: Sequence[str] | None, dictionary_ids: bool) -> FileRead:
@@ -692,7 +999,11 @@ def _read_parquet(uri: str, config: IngestConfig, columns: Sequence[str] | None,
         raise InputError(f"file not found: {uri}") from None
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{uri}: not a readable Parquet file (truncated or corrupt?): {exc}") from None
-    return _generic(uri, "parquet", table, config, [], keep_dictionary=dictionary_ids)
+    # What the source format implies travels with imported data (e.g. Diginetica rows are not time-ordered).
+    flag = (schema.metadata or {}).get(ORDERED_KEY)
+    ordered = None if flag is None else flag == b"true"
+    lines = _Lines(uri, table, table, ",", None, np.arange(table.num_rows), [])
+    return _generic(uri, "parquet", lines, config, [], keep_dictionary=dictionary_ids, ordered=ordered)
 
 
 READERS: dict[str, Callable[[str, str, IngestConfig], FileRead]] = {
@@ -744,6 +1055,13 @@ def read_file(
         result = READERS[fmt_name](uri, text, config)
     if strict and result.problems:
         raise InputError(result.problems[0].message())
+    if strict and result.rejected.num_rows:
+        first = result.rejected.slice(0, 1).to_pylist()[0]
+        where = f"line {first['line']}" if first["line"] is not None else f"row {first['row']}"
+        raise InputError(
+            f"{uri}: {where}: rule {first['reason']}: {first['raw']!r} ({result.rejected.num_rows} such row(s)); "
+            f"`validate` quarantines bad lines and keeps the good ones: build from its output"
+        )
     if dictionary_ids and not result.problems:
         result.table = encode_ids(result.table)
     log.debug("read %s (%s): %d rows", uri, fmt_name, result.table.num_rows)
@@ -809,7 +1127,7 @@ def read_events(
     """
     config = config or IngestConfig()
     check_config(config)
-    files = storage.expand(inputs)
+    files, _ = list_inputs(inputs)
     tables, sessionize_needed = [], False
 
     def one(uri: str) -> FileRead:

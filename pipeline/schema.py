@@ -56,9 +56,13 @@ QUARANTINE_EXTRA = pa.schema(
         pa.field("reason", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
         pa.field("source_row", pa.int64(), nullable=False),
+        pa.field("source_line", pa.int64(), nullable=True),
+        pa.field("raw", pa.string(), nullable=True),
     ]
 )
-"""Columns the quarantine adds to the canonical ones: the failed rule(s), the input file and its row (0-based)."""
+"""Columns the quarantine adds to the canonical ones: the failed rule(s), the input file, its data row (0-based,
+bad lines counted), its line in a text file (1-based; null for Parquet) and, for a line that could not be read
+into the canonical columns (malformed, not UTF-8, unparseable time, repeated header), its raw text (bounded)."""
 
 QUARANTINE_SCHEMA = pa.schema(list(EVENT_SCHEMA) + list(QUARANTINE_EXTRA))
 

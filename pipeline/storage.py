@@ -173,8 +173,11 @@ def _hidden(relative: str) -> bool:
     return any(part.startswith((".", "_")) for part in relative.split("/") if part)
 
 
-def list_files(uri: str) -> list[str]:
-    """All data files under a directory or prefix (recursive, sorted), skipping hidden and ``_`` names."""
+def list_files(
+    uri: str, accept: Callable[[str], bool] | None = None, skipped: list[str] | None = None
+) -> list[str]:
+    """All data files under a directory or prefix (recursive, sorted), skipping hidden and ``_`` names and,
+    with ``accept``, names it rejects; the URIs of skipped files are appended to ``skipped`` when given."""
     fs, path = resolve(uri)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
@@ -187,22 +190,36 @@ def list_files(uri: str) -> list[str]:
         if info.type != pafs.FileType.File:
             continue
         relative = info.path[len(path) :].lstrip("/")
-        if not _hidden(relative):
+        if not _hidden(relative) and (accept is None or accept(relative)):
             out.append(to_uri(fs, info.path))
+        elif skipped is not None:
+            skipped.append(to_uri(fs, info.path))
+    if skipped is not None:
+        skipped.sort()
     return sorted(out)
 
 
-def expand(inputs: Sequence[str]) -> list[str]:
-    """Input URIs (files or folders) to the sorted list of files they name; an error names a missing input."""
+def expand(
+    inputs: Sequence[str], accept: Callable[[str], bool] | None = None, skipped: list[str] | None = None
+) -> list[str]:
+    """Input URIs (files or folders) to the sorted list of files they name; an error names a missing input.
+
+    In folders, hidden and ``_`` names and, with ``accept``, names it rejects are skipped (and appended to
+    ``skipped`` when given); a file named directly is always taken.
+    """
     files: list[str] = []
     for uri in inputs:
         info = _info(uri)
         if info.type == pafs.FileType.NotFound:
             raise InputError(f"input not found: {uri}")
         if info.type == pafs.FileType.Directory:
-            found = list_files(uri)
+            passed_over: list[str] = []
+            found = list_files(uri, accept, passed_over)
+            if skipped is not None:
+                skipped.extend(passed_over)
             if not found:
-                raise InputError(f"input folder {uri} holds no data files")
+                extra = f" (skipped as not data: {', '.join(basename(f) for f in passed_over[:5])})" if passed_over else ""
+                raise InputError(f"input folder {uri} holds no data files{extra}")
             files.extend(found)
         else:
             files.append(normalize(uri))

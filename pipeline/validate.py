@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import expectations as ex
@@ -57,7 +58,7 @@ from pipeline import ingest as ingest_mod
 from pipeline import storage
 from pipeline.config import IngestConfig, ValidationConfig, to_dict
 from pipeline.errors import ConfigError, InputError, PipelineError, ValidationFailed
-from pipeline.schema import EVENT_SCHEMA, QUARANTINE_SCHEMA, REQUIRED_COLUMNS
+from pipeline.schema import EVENT_SCHEMA, QUARANTINE_SCHEMA, REQUIRED_COLUMNS, TIMESTAMP, TIMESTAMP_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ def check_config(validation: ValidationConfig) -> None:
 
 
 def suite_params(
-    batch: ingest_mod.Batch, validation: ValidationConfig, formats: Sequence[str], now: dt.datetime
+    batch: ingest_mod.Batch, validation: ValidationConfig, ordered: bool, now: dt.datetime
 ) -> ex.SuiteParams:
     """The suite's thresholds for one batch."""
     # An explicit partition_end (e.g. the DAG's data interval end) wins over the dt= folder's day end.
@@ -309,7 +310,7 @@ def suite_params(
         freshness = end - dt.timedelta(days=validation.max_partition_age_days)
     check_order = validation.check_session_order
     if check_order is None:
-        check_order = all(ingest_mod.FORMATS[f].ordered for f in formats)
+        check_order = ordered  # the rows of every file keep each session's events in time order
     return ex.SuiteParams(
         timestamp_floor=_parse_time(validation.timestamp_floor, "timestamp_floor"),
         partition_end=end or now,
@@ -427,15 +428,17 @@ def _validate_batch(task: BatchTask) -> BatchOutcome:
         for uri in batch.files:
             reads.append(ingest_mod.read_file(uri, task.ingest, strict=False))
     except InputError as exc:
-        entry.update(status="unreadable", rows_in=sum(r.table.num_rows for r in reads))
+        entry.update(status="unreadable", rows_in=sum(r.rows_in for r in reads))
         entry["rows_rejected"] = entry["rows_in"]
         fail(f"{exc} (rule: readable)")
         return outcome
     formats = sorted({r.format for r in reads})
     entry["format"] = formats[0] if len(formats) == 1 else formats
+    ordered = all(r.ordered for r in reads)
     problems = [p for r in reads for p in r.problems]
-    n = sum(r.table.num_rows for r in reads)
-    entry["rows_in"] = n
+    n = sum(r.table.num_rows for r in reads)  # rows read into columns; rejected lines come on top
+    n_lines_bad = sum(r.rejected.num_rows for r in reads)
+    entry["rows_in"] = n + n_lines_bad
     if problems:
         table = next(r.table for r in reads if r.problems)  # the suite sees the first offending file as read
     else:
@@ -445,14 +448,18 @@ def _validate_batch(task: BatchTask) -> BatchOutcome:
 
     # 2. Derived columns, then the suite. Row rules need canonical columns: with a schema problem the
     #    schema rules are what this batch is about.
-    params = suite_params(batch, task.validation, formats, task.now)
+    params = suite_params(batch, task.validation, ordered, task.now)
     entry["suite"] = {"name": ex.SUITE_NAME, "version": ex.SUITE_VERSION}
     entry["parameters"] = _jsonable(params.__dict__)
     if params.freshness_floor is None:
         entry["skipped"].append({"rule": "freshness", "why": "partition end unknown (no dt= folder, no partition_end)"})
     if not params.check_order:
         entry["skipped"].append({"rule": "session_order", "why": f"rows of format {entry['format']} are not time-ordered"})
+    if batch.skipped:
+        entry["skipped_files"] = list(batch.skipped)
     columns = {name: table.column(name) for name in REQUIRED_COLUMNS if name in table.column_names}
+    if not problems:
+        columns[TIMESTAMP] = _clip_for_gx(columns[TIMESTAMP])
     derived = None
     if not problems:
         derived = ex.derive(table, params)
@@ -477,7 +484,8 @@ def _validate_batch(task: BatchTask) -> BatchOutcome:
             fail(f"{where}: rule {r.expectation_config.meta.get('rule')} could not be evaluated: "
                  f"{r.exception_info.get('exception_message')}")  # fmt: skip
     if problems or derived is None:
-        entry.update(status="rejected", rows_rejected=n)
+        entry.update(status="rejected", rows_rejected=entry["rows_in"])
+        entry["file_counts"] = _file_counts(reads, None, "rejected")
         return outcome
 
     # 4. Route rows. Each failed row rule's rows are picked by the predicate its expectation checks, and
@@ -498,30 +506,89 @@ def _validate_batch(task: BatchTask) -> BatchOutcome:
             masks[rule] = derived.masks[rule]
     bad, reasons = _reasons(masks, n)
     n_bad = int(bad.sum())
-    entry["quarantine_reasons"] = {rule: int(m.sum()) for rule, m in masks.items()}
-    share = n_bad / n if n else 0.0
+    line_reasons = pc.value_counts(pa.concat_arrays([r.rejected.column("reason").combine_chunks() for r in reads]))
+    entry["quarantine_reasons"] = {rule: int(m.sum()) for rule, m in masks.items()} | {
+        v["values"]: v["counts"] for v in line_reasons.to_pylist()
+    }
+    quarantined_rows = n_bad + n_lines_bad
+    share = quarantined_rows / entry["rows_in"] if entry["rows_in"] else 0.0
     entry["quarantine_share"] = share
     if share > task.validation.max_quarantine_share:
-        fail(f"{where}: rule quarantine_share failed: {n_bad} of {n} rows ({share:.2%}) failed row rules "
-             f"{entry['quarantine_reasons']}, above max_quarantine_share {task.validation.max_quarantine_share:.2%}")  # fmt: skip
+        fail(f"{where}: rule quarantine_share failed: {quarantined_rows} of {entry['rows_in']} rows ({share:.2%}) "
+             f"failed row rules {entry['quarantine_reasons']}, above max_quarantine_share "
+             f"{task.validation.max_quarantine_share:.2%}")  # fmt: skip
     canonical = table.select(EVENT_SCHEMA.names)
-    if n_bad:
-        rows_in_file = np.concatenate([np.arange(r.table.num_rows, dtype=np.int64) for r in reads])
-        file_of_row = np.concatenate([np.full(r.table.num_rows, i, dtype=np.int32) for i, r in enumerate(reads)])
-        quarantined = canonical.filter(pa.array(bad))
-        quarantined = quarantined.append_column("reason", reasons)
-        quarantined = quarantined.append_column("source", pa.array(list(batch.files)).take(pa.array(file_of_row[bad])))
-        quarantined = quarantined.append_column("source_row", pa.array(rows_in_file[bad]))
-        quarantined = quarantined.cast(QUARANTINE_SCHEMA)
+    if quarantined_rows:
+        quarantined = _quarantine_table(canonical, bad, reasons, reads, batch.files)
         entry["quarantine"] = _write_part(quarantined, task.out_dir, QUARANTINE, task.index)
-        entry["rows_quarantined"] = n_bad
+        entry["rows_quarantined"] = quarantined_rows
     if outcome.failures:
-        entry.update(status="failed", rows_rejected=n - n_bad)
+        entry.update(status="failed", rows_rejected=entry["rows_in"] - quarantined_rows)
+        entry["file_counts"] = _file_counts(reads, bad, "failed")
         return outcome
     passed = canonical.filter(pa.array(~bad)) if n_bad else canonical
+    passed = passed.replace_schema_metadata({ingest_mod.ORDERED_KEY: b"true" if ordered else b"false"})
     clean = _write_part(passed, task.out_dir, CLEAN, task.index)
     entry.update(status="passed", rows_valid=n - n_bad, clean=clean)
+    entry["file_counts"] = _file_counts(reads, bad, "passed")
     return outcome
+
+
+# GX turns times into Python datetimes (years 1 to 9999): times outside are clipped for the suite only. The
+# window is inside those years, so the timestamp_window rule flags exactly the same rows either way.
+_GX_TIME_RANGE = (
+    int(dt.datetime(1, 1, 1, tzinfo=dt.UTC).timestamp() * 1e6),
+    int(dt.datetime(9999, 12, 31, 23, 59, 59, tzinfo=dt.UTC).timestamp() * 1e6),
+)
+
+
+def _clip_for_gx(times: pa.ChunkedArray) -> pa.ChunkedArray:
+    micros = times.cast(pa.int64())
+    low, high = pc.min_max(micros).values()
+    if low.as_py() is None or (low.as_py() >= _GX_TIME_RANGE[0] and high.as_py() <= _GX_TIME_RANGE[1]):
+        return times
+    return pc.min_element_wise(pc.max_element_wise(micros, _GX_TIME_RANGE[0]), _GX_TIME_RANGE[1]).cast(TIMESTAMP_TYPE)
+
+
+def _quarantine_table(
+    canonical: pa.Table, bad: np.ndarray, reasons: pa.Array, reads: list[ingest_mod.FileRead], files: Sequence[str]
+) -> pa.Table:
+    """Quarantined rows of a batch: the rows failing row rules, then the lines set aside while reading, each
+    with its reason, file, data row, line (text files) and raw text (for lines)."""
+    file_of_row = np.concatenate([np.full(r.table.num_rows, i, dtype=np.int32) for i, r in enumerate(reads)])
+    rows = np.concatenate([r.row_numbers() for r in reads])[bad]
+    first_lines = np.array([-1 if r.first_line is None else r.first_line for r in reads], dtype=np.int64)[file_of_row[bad]]
+    by_rule = canonical.filter(pa.array(bad)).append_column("reason", reasons)
+    by_rule = by_rule.append_column("source", pa.array(list(files)).take(pa.array(file_of_row[bad])))
+    by_rule = by_rule.append_column("source_row", pa.array(rows))
+    by_rule = by_rule.append_column("source_line", pa.array(rows + first_lines, mask=first_lines < 0))
+    by_rule = by_rule.append_column("raw", pa.nulls(len(rows), pa.string()))
+    parts = [by_rule.cast(QUARANTINE_SCHEMA)]
+    for uri, r in zip(files, reads, strict=True):
+        lines = r.rejected
+        if lines.num_rows:
+            nulls = {name: pa.nulls(lines.num_rows, f.type) for name, f in zip(EVENT_SCHEMA.names, EVENT_SCHEMA, strict=True)}
+            extra = {"reason": lines.column("reason"), "source": pa.array([uri] * lines.num_rows),
+                     "source_row": lines.column("row"), "source_line": lines.column("line"), "raw": lines.column("raw")}  # fmt: skip
+            parts.append(pa.table(nulls | extra).cast(QUARANTINE_SCHEMA))
+    table = pa.concat_tables(parts)
+    return table.sort_by([("source", "ascending"), ("source_row", "ascending")]) if len(parts) > 1 else table
+
+
+def _file_counts(reads: list[ingest_mod.FileRead], bad: np.ndarray | None, status: str) -> list[dict[str, Any]]:
+    """Per input file: rows in, valid, quarantined and rejected (they reconcile file by file)."""
+    out, start = [], 0
+    for r in reads:
+        rows = r.table.num_rows
+        if bad is None:  # the batch was rejected before routing: nothing of it was quarantined
+            quarantined, valid = 0, 0
+        else:
+            quarantined = int(bad[start : start + rows].sum()) + r.rejected.num_rows
+            valid = rows - int(bad[start : start + rows].sum()) if status == "passed" else 0
+        start += rows
+        out.append({"uri": r.uri, "format": r.format, "rows_in": r.rows_in, "rows_valid": valid,
+                    "rows_quarantined": quarantined, "rows_rejected": r.rows_in - valid - quarantined})  # fmt: skip
+    return out
 
 
 _IN_WORKER = False
@@ -655,7 +722,7 @@ def validate(
                 o.report["name"], o.report["status"], o.report["rows_in"], o.report["rows_valid"], o.report["rows_quarantined"],
             )  # fmt: skip
         last = tasks[-1]
-        _build_data_docs(docs_dir, ex.build_suite(suite_params(last.batch, validation, ["parquet"], now)))
+        _build_data_docs(docs_dir, ex.build_suite(suite_params(last.batch, validation, True, now)))
         _clear_results()
         storage.upload_dir(docs_dir, storage.join(tmp, DATA_DOCS))
         report = _report(inputs, outcomes, ingest_config, validation, workers)
@@ -679,6 +746,8 @@ def _report(
     keys = ("rows_in", "rows_valid", "rows_quarantined", "rows_rejected")
     totals = {key: sum(b[key] for b in batches) for key in keys}
     reconciled = totals["rows_in"] == totals["rows_valid"] + totals["rows_quarantined"] + totals["rows_rejected"]
+    for part in batches + [f for b in batches for f in b.get("file_counts", [])]:  # every batch and every file too
+        reconciled &= part["rows_in"] == part["rows_valid"] + part["rows_quarantined"] + part["rows_rejected"]
     if not reconciled:
         raise PipelineError(f"internal error: rows do not reconcile: {totals}")
     reasons: dict[str, int] = {}
@@ -707,6 +776,7 @@ def _report(
             "expectations": list(summary.values()),
             "suite": {"name": ex.SUITE_NAME, "version": ex.SUITE_VERSION},
             "inputs": [storage.normalize(i) for i in inputs],
+            "skipped_files": [f for b in batches for f in b.get("skipped_files", [])],
             "config": {"ingest": to_dict(ingest_config), "validation": to_dict(validation)},
             "clean": CLEAN if totals["rows_valid"] else None,
             "quarantine": QUARANTINE if totals["rows_quarantined"] else None,
