@@ -20,6 +20,15 @@ when it is better than the model in production.
    (paired bootstrap on MRR@20 plus the promotion margin); the alias moves only when it is better.
 6. **summary**: the decision, metrics vs champion and baselines and links to the MLflow runs, in the
    task log and as this DAG run's note.
+7. **watch**: warns when a day's quarantined share is above `alerts.quarantine_warn_share` or the
+   champion stayed in place for `alerts.champion_stale_runs` decisions in a row (pipeline/alerts.py).
+8. **retention**: deletes outputs older than the `retention.*_days` ages, never what `@champion` /
+   `@challenger` were built from (pipeline/retention.py; `python -m pipeline retention --dry-run`).
+
+**Alerts** (e-mail and/or a JSON webhook, `alerts:` in the config; none by default): a task failed after
+its last retry, a validation failure (report + top quarantine reasons), a run not finished
+`alerts.deadline_hours` after it was queued, and the two warnings of **watch**. docs/runbook.md says
+what each means and what to run.
 
 **Trigger with config** to override the date window, the grid (a mapping of GRU4Rec parameter ->
 list of values, or a list of per-trial mappings) or a random search (`search.n_trials` points drawn
@@ -39,9 +48,10 @@ from typing import Any
 
 from airflow.sdk import Asset, Param, dag, get_current_context, task
 
-from pipeline import tasks
+from pipeline import alerts, tasks
 
 SETTINGS = tasks.dag_settings()
+CONFIG = tasks.load_pipeline_config()  # alert channels and the deadline (pipeline.alerts)
 SESSION_DATASET = Asset(name=SETTINGS.dataset_asset[0], uri=SETTINGS.dataset_asset[1])
 
 
@@ -57,6 +67,7 @@ def _as_list(mapped_results: Any) -> list[Any]:
     start_date=SETTINGS.start_date,
     catchup=False,
     max_active_runs=1,
+    deadline=alerts.deadline(CONFIG),  # a run still going alerts.deadline_hours after it was queued
     default_args={
         "owner": "ml-platform",
         "retries": SETTINGS.retries,
@@ -65,7 +76,8 @@ def _as_list(mapped_results: Any) -> list[Any]:
         "max_retry_delay": SETTINGS.max_retry_delay,
         # Bad data, bad settings and NaN losses fail at once: retrying cannot fix them.
         "retry_policy": SETTINGS.retry_policy(),
-        "on_failure_callback": tasks.on_task_failure,
+        # Called once a task failed for good (after its last retry): log + close the MLflow run, then tell people.
+        "on_failure_callback": [tasks.on_task_failure, *alerts.failure_callbacks(CONFIG)],
     },
     params={
         "window_start": Param(
@@ -159,11 +171,24 @@ def gru4rec_daily() -> None:
     def summary(run: dict[str, Any], decision: dict[str, Any]) -> str:
         return tasks.summarize(run, decision)
 
+    @task
+    def watch(run: dict[str, Any], dataset: dict[str, Any], decision: dict[str, Any]) -> list[dict[str, Any]]:
+        # `decision` only orders it after promote: the champion's record then includes today's decision.
+        return alerts.check_run(run, dataset)
+
+    @task
+    def retention(run: dict[str, Any]) -> dict[str, Any]:
+        from pipeline.retention import retention_task
+
+        return retention_task(run)
+
     run = plan()
     reports = validate.partial(run=run).expand(partition=partitions(run))
     dataset = build(run, reports)
     results = train.expand(trial=prepare_trials(run, dataset))
-    summary(run, promote(run, dataset, results))
+    promoted = promote(run, dataset, results)
+    done = [summary(run, promoted), watch(run, dataset, promoted)]
+    done >> retention(run)
 
 
 gru4rec_daily()

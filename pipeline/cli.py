@@ -16,7 +16,7 @@ import sys
 from pipeline import __version__
 from pipeline.errors import PipelineError
 
-AREAS = ("pipeline.cli_data", "pipeline.cli_model", "pipeline.cli_mlflow", "pipeline.cli_dag")
+AREAS = ("pipeline.cli_data", "pipeline.cli_model", "pipeline.cli_mlflow", "pipeline.cli_dag", "pipeline.cli_ops")
 
 
 def build_parser() -> argparse.ArgumentParser:

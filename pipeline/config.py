@@ -162,8 +162,50 @@ class AirflowConfig:
     # Hyperparameter grid: a mapping of GRU4Rec parameter -> list of values (cartesian product), or a
     # list of mappings (one per trial). Applied on top of the gru4rec section.
     grid: Any = field(default_factory=_default_grid)
-    alert_callback: str = ""  # "module:function" called with the failure message; "" = log only
     api_conn_id: str = "airflow_api"  # Airflow connection to the REST API, used to set the DAG run note
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """Who is told, and when (pipeline/alerts.py). No channel is configured by default: nothing is sent.
+
+    Channels are Airflow connections: an SMTP connection (the SMTP provider's notifier) and an HTTP
+    connection for a JSON webhook (Slack/Teams/PagerDuty-style endpoints).
+    """
+
+    email_to: tuple[str, ...] = ()  # recipients; empty = no e-mail
+    email_from: str = ""  # sender; "" = the SMTP connection's from_email
+    smtp_conn_id: str = "smtp_default"
+    webhook_conn_id: str = ""  # Airflow HTTP connection of the JSON webhook; "" = no webhook
+    deadline_hours: float = 6.0  # a DAG run not finished this long after it was queued alerts; 0 = off
+    champion_stale_runs: int = 7  # alert when this many decisions in a row left the champion in place; 0 = off
+    quarantine_warn_share: float = 0.005  # warn above this quarantined share of a day; 0 = off
+
+    def __post_init__(self) -> None:
+        if self.deadline_hours < 0 or self.champion_stale_runs < 0 or not 0 <= self.quarantine_warn_share <= 1:
+            raise ConfigError(
+                "alerts: deadline_hours and champion_stale_runs must be >= 0 and quarantine_warn_share in [0, 1], "
+                f"got {self.deadline_hours}, {self.champion_stale_runs}, {self.quarantine_warn_share}"
+            )
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    """How long outputs are kept (pipeline/retention.py), in days by the dt=YYYY-MM-DD of the output; 0 = forever.
+
+    Whatever the current @champion / @challenger were built from is never deleted, whatever its age.
+    """
+
+    datasets_days: int = 14  # session datasets (datasets/dt=...)
+    validated_days: int = 30  # validated partitions (validated/dt=...: report, clean rows, Data Docs)
+    quarantine_days: int = 90  # quarantined rows (validated/dt=.../quarantine), kept longer for inspection
+    models_days: int = 14  # trial model folders (models/dt=.../<data>/<trial>)
+    scratch_days: int = 3  # training checkpoints on workers' local disk ($PIPELINE_HOME/work/...)
+
+    def __post_init__(self) -> None:
+        negative = [f.name for f in fields(self) if getattr(self, f.name) < 0]
+        if negative:
+            raise ConfigError(f"retention: {', '.join(negative)} must be >= 0 (0 = keep forever)")
 
 
 @dataclass(frozen=True)
@@ -175,6 +217,8 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     airflow: AirflowConfig = field(default_factory=AirflowConfig)
+    alerts: AlertsConfig = field(default_factory=AlertsConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 def pipeline_home() -> Path:

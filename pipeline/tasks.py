@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import importlib
 import itertools
 import json
 import logging
@@ -37,7 +36,6 @@ log = logging.getLogger(__name__)
 CONFIG_ENV = "PIPELINE_CONFIG"  # path of the YAML/JSON pipeline config every task reads
 DATA_ENV = "PIPELINE_DATA_URI"
 OUTPUT_ENV = "PIPELINE_OUTPUT_URI"
-ALERT_ENV = "PIPELINE_ALERT_CALLBACK"
 NOTE_LIMIT = 1000  # Airflow rejects longer DAG run notes
 
 
@@ -335,27 +333,11 @@ def failure_message(context: Mapping[str, Any]) -> str:
     return f"{msg} | log: {log_url}" if log_url else msg
 
 
-def _alert_target() -> str:
-    return os.environ.get(ALERT_ENV) or load_pipeline_config().airflow.alert_callback
-
-
 def on_task_failure(context: Mapping[str, Any]) -> None:
-    """Airflow ``on_failure_callback``: log the failure clearly and hand it to the configured alert.
-
-    The alert is pluggable: ``$PIPELINE_ALERT_CALLBACK`` or ``airflow.alert_callback`` names a
-    ``module:function`` called as ``fn(message, context)`` (Slack, PagerDuty, e-mail...). A broken
-    alert is logged, never raised: it must not hide the task's own error. A failure after the MLflow
-    parent run opened also closes that run as FAILED.
-    """
-    message = failure_message(context)
-    log.error("ALERT %s", message)
-    try:
-        target = _alert_target()
-        if target:
-            module, _, name = target.partition(":")
-            getattr(importlib.import_module(module), name or "alert")(message, context)
-    except Exception:  # noqa: BLE001 - the alert path must never raise
-        log.exception("alert callback %r failed", os.environ.get(ALERT_ENV, ""))
+    """Airflow ``on_failure_callback``: log the failure clearly; a failure after the MLflow parent run
+    opened also closes that run as FAILED. People are told by the notifiers of ``pipeline.alerts`` (the
+    DAG's other failure callbacks: e-mail, webhook)."""
+    log.error("task failed: %s", failure_message(context))
     try:
         _fail_parent_run(context)
     except Exception:  # noqa: BLE001

@@ -68,3 +68,14 @@ def postgres_url() -> Iterator[str]:
 
     with scratch_database("pipeline_test") as url:
         yield url
+
+
+@pytest.fixture
+def alert_receivers(monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    """A real SMTP server and a real webhook receiver on 127.0.0.1, and the Airflow connections to them."""
+    from alert_receivers import running_receivers
+
+    with running_receivers() as receivers:
+        for key, value in receivers.connections().items():
+            monkeypatch.setenv(key, value)
+        yield receivers

@@ -46,15 +46,15 @@ def day(offset: int) -> dt.date:
 
 
 @pytest.fixture
-def pipeline_env(airflow_home: Path, pipeline_home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
-    """A fresh pipeline home with the test config, the alert hook recording to a file, and its click-log root."""
+def pipeline_env(
+    airflow_home: Path, pipeline_home: Path, monkeypatch: pytest.MonkeyPatch, alert_receivers: Any
+) -> dict[str, Any]:
+    """A fresh pipeline home with the test config, alerts sent to a real SMTP server and webhook receiver,
+    and its click-log root."""
     config = pipeline_home / "pipeline.yaml"
-    config.write_text(yaml.safe_dump(CONFIG))
-    alerts = pipeline_home / "alerts.txt"
+    config.write_text(yaml.safe_dump({**CONFIG, "alerts": alert_receivers.alerts_config()}))
     monkeypatch.setenv("PIPELINE_CONFIG", str(config))
-    monkeypatch.setenv("PIPELINE_ALERT_CALLBACK", "dag_test_alerts:record")
-    monkeypatch.setenv("DAG_TEST_ALERTS", str(alerts))
-    return {"home": pipeline_home, "clicks": pipeline_home / "data" / "clicks", "alerts": alerts}
+    return {"home": pipeline_home, "clicks": pipeline_home / "data" / "clicks", "alerts": alert_receivers}
 
 
 def generate(clicks: Path, start: dt.date, days: int, **kwargs: Any) -> dict[str, Any]:
@@ -176,7 +176,7 @@ def test_two_dates_promote_then_compete_and_a_rerun_changes_nothing(pipeline_env
     assert [t["run_id"] for t in rerun.summary["trials"]] == [t["run_id"] for t in first.summary["trials"]]
     assert all(t["reused"] for t in rerun.summary["trials"])
     assert rerun.summary["dataset"]["fingerprint"] == first.summary["dataset"]["fingerprint"]
-    assert pipeline_env["alerts"].exists() is False  # nothing failed, nobody was paged
+    assert pipeline_env["alerts"].posts == pipeline_env["alerts"].mails == []  # nothing failed, nobody was paged
 
 
 def test_corrupted_rows_are_quarantined_and_training_goes_on(
@@ -206,6 +206,13 @@ def test_corrupted_rows_are_quarantined_and_training_goes_on(
     )
     assert len(summary["trials"]) == 1 and summary["trials"][0]["metrics"]["mrr_at_20"] > 0
     assert summary["decision"]["action"] == "promoted"
+    # The run's own day is above the 0.5% warning share (below the 1% that fails): the watch task warns.
+    own = json.loads((out / f"dt={day(2)}" / "report.json").read_text())
+    assert 0.005 < own["quarantine_share"] < 0.01
+    receivers = pipeline_env["alerts"]
+    receivers.wait_for(lambda r: len(r.posts) == 1 and len(r.mails) == 1)
+    assert receivers.kinds() == (["quarantine_warning"], ["quarantine_warning"])
+    assert receivers.posts[0]["json"]["details"]["report"] == str(out / f"dt={day(2)}" / "report.json")
 
 
 def test_table_level_failure_stops_before_training_and_registers_nothing(
@@ -231,10 +238,15 @@ def test_table_level_failure_stops_before_training_and_registers_nothing(
     state = mlflow_state()
     assert state["versions"] == [] and state["run_ids"] == []
     assert outcome.summary is None
-    alerts = pipeline_env["alerts"].read_text().splitlines()
-    assert len(alerts) == 1
-    assert f"task validate[2] failed (try 1/3): ValidationFailed: partition {day(2)}" in alerts[0]
-    assert str(report) in alerts[0]
+    # One validation alert, by e-mail and webhook, naming the report and its top quarantine reason.
+    receivers = pipeline_env["alerts"]
+    receivers.wait_for(lambda r: len(r.posts) == 1 and len(r.mails) == 1)
+    assert receivers.kinds() == (["validation_failed"], ["validation_failed"])
+    alert = receivers.posts[0]["json"]
+    assert f"task validate[2] failed (try 1/3): ValidationFailed: partition {day(2)}" in alert["text"]
+    assert alert["details"]["report"] == str(report)
+    assert alert["details"]["top_reasons"][0][0] == "null_session_id"
+    assert str(report) in receivers.mails[0].body
 
 
 @pytest.fixture
@@ -320,9 +332,10 @@ def test_a_diverging_trial_fails_the_run_without_retry_and_closes_its_mlflow_run
     # The trial's run and the DAG run's parent run are closed as failed; nothing was registered.
     assert state["runs"] == collections.Counter({("training", "FAILED"): 1, ("parent", "FAILED"): 1})
     assert state["versions"] == []
-    alerts = pipeline_env["alerts"].read_text().splitlines()
-    assert len(alerts) == 1
-    assert "task train[0] failed (try 1/3): TrainingError: loss became nan" in alerts[0]
+    receivers = pipeline_env["alerts"]
+    receivers.wait_for(lambda r: len(r.posts) == 1 and len(r.mails) == 1)
+    assert receivers.kinds() == (["task_failed"], ["task_failed"])
+    assert "task train[0] failed (try 1/3): TrainingError: loss became nan" in receivers.posts[0]["json"]["text"]
 
 
 @pytest.mark.slow

@@ -69,16 +69,22 @@ def test_structure_and_dependencies(dag) -> None:
         "train",
         "promote",
         "summary",
+        "watch",
+        "retention",
     }
     downstream = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
-    assert downstream["plan"] == ["build", "partitions", "prepare_trials", "promote", "summary", "validate"]
+    assert downstream["plan"] == [
+        "build", "partitions", "prepare_trials", "promote", "retention", "summary", "validate", "watch"
+    ]  # fmt: skip
     assert downstream["partitions"] == ["validate"]
     assert downstream["validate"] == ["build"]
-    assert downstream["build"] == ["prepare_trials", "promote"]
+    assert downstream["build"] == ["prepare_trials", "promote", "watch"]
     assert downstream["prepare_trials"] == ["train"]
     assert downstream["train"] == ["promote"]
-    assert downstream["promote"] == ["summary"]
-    assert downstream["summary"] == []
+    assert downstream["promote"] == ["summary", "watch"]
+    # Retention comes last, after the summary and the alert checks.
+    assert downstream["summary"] == downstream["watch"] == ["retention"]
+    assert downstream["retention"] == []
     # Partitions validate in parallel and trials train in parallel: both are mapped.
     from airflow.sdk.definitions.mappedoperator import MappedOperator
 
