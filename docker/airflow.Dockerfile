@@ -20,6 +20,8 @@ ENV PYTHONUNBUFFERED=1 \
 USER airflow
 # torch from the CPU index: tasks on this image never see a GPU, and the CUDA wheels weigh gigabytes
 # (the gpu-worker image carries CUDA). apache-airflow is pinned again so no requirement can move it.
+# requirements.txt carries the providers the deployment settings use: Celery (executor), Amazon (S3 remote
+# task logs, infra/k8s/airflow-values.yaml) and SMTP (alert e-mails); tests/infra/test_deploy_files.py checks it.
 COPY --chown=airflow:0 requirements.txt /opt/pipeline/requirements.txt
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu \
  && pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" -r /opt/pipeline/requirements.txt

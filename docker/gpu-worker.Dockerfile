@@ -22,6 +22,7 @@ RUN useradd --uid 50000 --gid 0 --home-dir /home/airflow --create-home airflow \
  && mkdir -p /opt/airflow/dags /opt/airflow/logs /opt/airflow/secrets /opt/airflow/pipeline-home /opt/pipeline \
  && chown -R 50000:0 /opt/airflow /opt/pipeline
 
+# The same requirements.txt as the Airflow image: this worker uploads its task logs to S3 too (Amazon provider).
 COPY --chown=50000:0 requirements.txt /opt/pipeline/requirements.txt
 RUN pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" -r /opt/pipeline/requirements.txt
 

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,11 @@ DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
 
 
 def test_there_are_the_three_images() -> None:
-    assert [p.name for p in DOCKERFILES] == ["airflow.Dockerfile", "gpu-worker.Dockerfile", "mlflow.Dockerfile"]
+    assert [p.name for p in DOCKERFILES] == [
+        "airflow.Dockerfile",
+        "gpu-worker.Dockerfile",
+        "mlflow.Dockerfile",
+    ]
 
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
@@ -132,7 +137,9 @@ def test_dockerfile_lint(dockerfile: Path) -> None:
     for word, rest in instructions:
         if word in ("ENV", "ARG"):
             for key in re.findall(r"(\w+)=", rest) or [rest.split("=")[0]]:
-                assert not SECRETISH.search(key), f"{word} {key}: secrets come from the environment at run time"
+                assert not SECRETISH.search(key), (
+                    f"{word} {key}: secrets come from the environment at run time"
+                )
     assert not re.search(r"AKIA[0-9A-Z]{16}", dockerfile.read_text())
 
     # pip: no cache in the layer; every package pinned (or from the pinned requirements file).
@@ -161,7 +168,9 @@ def test_dockerfile_lint(dockerfile: Path) -> None:
             parts = [p for p in shlex.split(rest) if not p.startswith("--")]
             for source in parts[:-1]:
                 assert (REPO / source).exists(), f"COPY {source}: not in the repository"
-                assert _dockerignore_allows(dockerfile, source), f"COPY {source}: excluded by the .dockerignore"
+                assert _dockerignore_allows(dockerfile, source), (
+                    f"COPY {source}: excluded by the .dockerignore"
+                )
 
     # Commands in exec form (signals reach the process; no shell in between).
     for word, rest in instructions:
@@ -220,14 +229,18 @@ def test_compose_settings_match_the_stack(compose: dict[str, Any]) -> None:
     for name in [*AIRFLOW_SERVICES, "airflow-init"]:
         env = _env(services[name])
         assert {k: env.get(k) for k in localstack.AIRFLOW_POLICY} == localstack.AIRFLOW_POLICY, name
-        assert set(localstack.AIRFLOW_WIRING) <= set(env), f"{name}: missing {set(localstack.AIRFLOW_WIRING) - set(env)}"
+        assert set(localstack.AIRFLOW_WIRING) <= set(env), (
+            f"{name}: missing {set(localstack.AIRFLOW_WIRING) - set(env)}"
+        )
         if name in SERVICES:
             assert {k: env.get(k) for k in SERVICES[name].env} == dict(SERVICES[name].env), name
     mlflow = _env(services["mlflow"])
     assert {k: mlflow.get(k) for k in localstack.MLFLOW_POLICY} == localstack.MLFLOW_POLICY
     assert set(localstack.MLFLOW_WIRING) <= set(mlflow)
     # Separate databases for the Airflow metadata and the MLflow backend.
-    assert _env(services["airflow-scheduler"])["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith("@postgres:5432/airflow")
+    assert _env(services["airflow-scheduler"])["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith(
+        "@postgres:5432/airflow"
+    )
     assert mlflow["MLFLOW_BACKEND_STORE_URI"].endswith("@postgres:5432/mlflow")
     init_sql = (COMPOSE / "postgres-init.sh").read_text()
     assert "CREATE DATABASE airflow" in init_sql and "CREATE DATABASE mlflow" in init_sql
@@ -243,7 +256,9 @@ def test_compose_gpu_reservation_health_checks_and_start_order(compose: dict[str
     assert gpu["build"]["dockerfile"] == "docker/gpu-worker.Dockerfile"
     for name, service in services.items():
         if "build" in service:
-            assert (REPO / "infra" / "compose" / service["build"]["context"] / service["build"]["dockerfile"]).exists()
+            assert (
+                REPO / "infra" / "compose" / service["build"]["context"] / service["build"]["dockerfile"]
+            ).exists()
         if name != "airflow-init":
             assert service["healthcheck"]["test"], f"{name} has no health check"
     for name in AIRFLOW_SERVICES:
@@ -260,7 +275,9 @@ def test_compose_gpu_reservation_health_checks_and_start_order(compose: dict[str
 def test_compose_credentials_come_from_the_env_file(compose: dict[str, Any]) -> None:
     text = (COMPOSE / "compose.yaml").read_text()
     example = dict(
-        line.split("=", 1) for line in (COMPOSE / ".env.example").read_text().splitlines() if line and not line.startswith("#")
+        line.split("=", 1)
+        for line in (COMPOSE / ".env.example").read_text().splitlines()
+        if line and not line.startswith("#")
     )
     # Every variable compose reads without a default is in the example file; the example holds no real secret.
     referenced = set(re.findall(r"(?<!\$)\$\{(\w+)(?:[:?][^}]*)?\}", text))
@@ -376,7 +393,9 @@ def _manifests(name: str) -> list[dict[str, Any]]:
         assert {"apiVersion", "kind", "metadata"} <= set(doc) and doc["metadata"]["name"], name
         if doc["kind"] in ("Deployment", "StatefulSet"):
             labels = doc["spec"]["template"]["metadata"]["labels"]
-            assert doc["spec"]["selector"]["matchLabels"].items() <= labels.items(), "selector must match the pods"
+            assert doc["spec"]["selector"]["matchLabels"].items() <= labels.items(), (
+                "selector must match the pods"
+            )
             spec = doc["spec"]["template"]["spec"]
             assert spec["securityContext"]["runAsNonRoot"] is True
             for container in spec["containers"]:
@@ -384,7 +403,10 @@ def _manifests(name: str) -> list[dict[str, Any]]:
                 assert image_tag and image_tag != "latest" and container["resources"]["limits"]
         if doc["kind"] == "Service":
             workloads = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet")]
-            assert any(doc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items() for w in workloads)
+            assert any(
+                doc["spec"]["selector"].items() <= w["spec"]["template"]["metadata"]["labels"].items()
+                for w in workloads
+            )
     return docs
 
 
@@ -394,13 +416,18 @@ def test_k8s_gpu_worker_requests_a_gpu_on_gpu_nodes(values: dict[str, Any]) -> N
     (container,) = spec["containers"]
     assert container["command"] == list(SERVICES["airflow-worker-gpu"].argv)
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert spec["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in spec["tolerations"])
+    assert spec["nodeSelector"] and any(
+        t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in spec["tolerations"]
+    )
     # Same policy and wiring as the chart's pods, plus the worker's own settings.
     env = _k8s_env_names(container["env"])
     policy = {k: v for k, v in localstack.AIRFLOW_POLICY.items() if k not in K8S_POLICY_EXCEPTIONS}
     assert {k: env.get(k) for k in policy} == policy
     assert set(localstack.AIRFLOW_WIRING) - K8S_WIRING_EXCEPTIONS <= set(env)
-    assert env["AIRFLOW__CELERY__WORKER_CONCURRENCY"] == SERVICES["airflow-worker-gpu"].env["AIRFLOW__CELERY__WORKER_CONCURRENCY"]
+    assert (
+        env["AIRFLOW__CELERY__WORKER_CONCURRENCY"]
+        == SERVICES["airflow-worker-gpu"].env["AIRFLOW__CELERY__WORKER_CONCURRENCY"]
+    )
     chart_env = _k8s_env_names(values["env"])
     drifted = {k: (env[k], v) for k, v in chart_env.items() if k in env and env[k] != v}
     assert drifted == {}, "the gpu worker's settings differ from the chart's (gpu, chart)"
@@ -437,6 +464,109 @@ def test_k8s_files_hold_no_secret_values(values: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Providers: every provider the settings need is pinned, installed by both Airflow images, and importable
+
+# Where a remote log folder's scheme sends Airflow (airflow_local_settings.py) -> the provider it imports.
+LOG_SCHEME_PROVIDERS = {
+    "s3://": "apache-airflow-providers-amazon",
+    "cloudwatch://": "apache-airflow-providers-amazon",
+    "gs://": "apache-airflow-providers-google",
+    "stackdriver://": "apache-airflow-providers-google",
+    "wasb": "apache-airflow-providers-microsoft-azure",
+    "oss://": "apache-airflow-providers-alibaba",
+}
+EXECUTOR_PROVIDERS = {
+    "CeleryExecutor": "apache-airflow-providers-celery",
+    "KubernetesExecutor": "apache-airflow-providers-cncf-kubernetes",
+    "CeleryKubernetesExecutor": "apache-airflow-providers-celery",
+}
+PROVIDER_PATH = re.compile(r"airflow\.providers\.([a-z_]+(?:\.[a-z_]+)?)")
+
+
+def _airflow_settings(values: dict[str, Any]) -> dict[str, str]:
+    """Every Airflow setting the Helm values make, as AIRFLOW__SECTION__KEY -> value (config + env)."""
+    out = {
+        f"AIRFLOW__{section.upper()}__{key.upper()}": str(value)
+        for section, keys in (values.get("config") or {}).items()
+        for key, value in keys.items()
+    }
+    for entry in (values.get("env") or []) + (values.get("workers", {}).get("env") or []):
+        if str(entry.get("name", "")).startswith("AIRFLOW__"):
+            out[entry["name"]] = str(entry.get("value", ""))
+    out["AIRFLOW__CORE__EXECUTOR"] = values["executor"]
+    return out
+
+
+def _needed_providers(settings: dict[str, str]) -> set[str]:
+    needed = {EXECUTOR_PROVIDERS[settings["AIRFLOW__CORE__EXECUTOR"]]}
+    folder = settings.get("AIRFLOW__LOGGING__REMOTE_BASE_LOG_FOLDER", "")
+    if settings.get("AIRFLOW__LOGGING__REMOTE_LOGGING", "").lower() == "true":
+        scheme = next((p for s, p in LOG_SCHEME_PROVIDERS.items() if folder.startswith(s)), None)
+        assert scheme, f"remote_base_log_folder {folder!r}: no provider known for this scheme"
+        needed.add(scheme)
+    for value in settings.values():  # a dotted path into a provider (a log handler, a callable)
+        for found in PROVIDER_PATH.findall(value):
+            needed.add("apache-airflow-providers-" + found.split(".")[0].replace("_", "-"))
+    return needed
+
+
+def _installs_requirements(dockerfile: Path) -> bool:
+    runs = " ".join(rest for word, rest in parse_dockerfile(dockerfile) if word == "RUN")
+    copies = " ".join(rest for word, rest in parse_dockerfile(dockerfile) if word == "COPY")
+    return "requirements.txt" in copies and "-r /opt/pipeline/requirements.txt" in runs
+
+
+def test_values_name_only_providers_the_images_install(values: dict[str, Any]) -> None:
+    """S3 remote logging needs the Amazon provider; Celery the Celery provider: pinned, in both images."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    needed = _needed_providers(_airflow_settings(values))
+    assert "apache-airflow-providers-amazon" in needed  # the values log to s3://
+    for dockerfile in (DOCKER / "airflow.Dockerfile", DOCKER / "gpu-worker.Dockerfile"):
+        assert _installs_requirements(dockerfile), f"{dockerfile.name} does not install requirements.txt"
+    requirements = _pins(REPO / "requirements.txt")
+    for provider in sorted(needed):
+        assert provider in requirements, (
+            f"the Helm values need {provider}, which requirements.txt does not pin"
+        )
+        try:
+            installed = version(provider)
+        except PackageNotFoundError:
+            pytest.fail(f"{provider} is pinned but not installed here (make install)")
+        assert installed == requirements[provider], (provider, installed, requirements[provider])
+
+
+def test_every_pinned_provider_is_installed_at_its_pin() -> None:
+    from importlib.metadata import version
+
+    providers = {
+        n: v for n, v in _pins(REPO / "requirements.txt").items() if n.startswith("apache-airflow-providers-")
+    }
+    assert {"apache-airflow-providers-amazon", "apache-airflow-providers-smtp"} <= set(providers)
+    assert {n: version(n) for n in providers} == providers
+
+
+def test_remote_logging_settings_load_with_the_installed_providers(
+    values: dict[str, Any], tmp_path: Path
+) -> None:
+    """Airflow's own logging setup, given the values' logging settings, builds the S3 remote log IO."""
+    settings = {k: v for k, v in _airflow_settings(values).items() if k.startswith("AIRFLOW__LOGGING__")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
+    env |= settings | {"AIRFLOW_HOME": str(tmp_path), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
+    code = (
+        "import airflow.config_templates.airflow_local_settings as s\n"
+        "io = s.REMOTE_TASK_LOG\n"
+        "print(type(io).__module__ + '.' + type(io).__name__, io.remote_base)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    handler, base = out.stdout.split()[-2:]
+    assert handler == "airflow.providers.amazon.aws.log.s3_task_handler.S3RemoteLogIO"
+    assert base == values["config"]["logging"]["remote_base_log_folder"]
+
+
+# ---------------------------------------------------------------------------------------------
 # The local stack's script and the README
 
 
@@ -450,5 +580,11 @@ def test_stack_script_runs_the_module() -> None:
 
 def test_readme_covers_the_deployments() -> None:
     text = (REPO / "infra" / "README.md").read_text()
-    for needle in ("infra/local/stack.sh up", "docker compose", "helm upgrade --install", "nvidia.com/gpu", "--scale"):
+    for needle in (
+        "infra/local/stack.sh up",
+        "docker compose",
+        "helm upgrade --install",
+        "nvidia.com/gpu",
+        "--scale",
+    ):
         assert needle in text, f"infra/README.md does not mention {needle!r}"
