@@ -7,6 +7,10 @@ when it is better than the model in production.
 1. **plan** / **partitions**: the run's date (the logical date, or the `window_end` Param), the
    trials of the grid, where every output goes (all addressed by the date, so a re-run overwrites
    instead of duplicating) and the click-log partitions `dt=YYYY-MM-DD/` of the training window.
+   **wait_for_partition** first waits for the run's own partition when it is late (a sensor in
+   reschedule mode: no worker slot is held between looks every `airflow.partition_poke_minutes`; with
+   `airflow.partition_marker` set, e.g. `_SUCCESS`, also for that marker) and fails the run with
+   "no partition dt=X after N h" after `airflow.partition_timeout_hours`.
 2. **validate** (one mapped task per partition): the Great Expectations suite; bad rows go to
    quarantine, a table-level failure (missing column, empty day, too many bad rows) fails the run
    here, before any training, with the path of the report in the log.
@@ -46,7 +50,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from airflow.sdk import Asset, Param, dag, get_current_context, task
+from airflow.sdk import Asset, Param, PokeReturnValue, dag, get_current_context, task
 
 from pipeline import alerts, tasks
 
@@ -137,6 +141,17 @@ def gru4rec_daily() -> None:
             params or {}, logical_date=logical_date, dag_id=dag_run.dag_id, run_id=dag_run.run_id
         )
 
+    @task.sensor(
+        mode="reschedule",  # the worker slot is free between looks
+        poke_interval=SETTINGS.partition_poke_interval,
+        timeout=SETTINGS.partition_sensor_timeout,
+    )
+    def wait_for_partition(run: dict[str, Any]) -> PokeReturnValue:
+        context = get_current_context()
+        first_poke = context["ti"].get_first_reschedule_date(context)
+        record = tasks.wait_for_partitions(run, first_poke)
+        return PokeReturnValue(is_done=record is not None, xcom_value=record)
+
     @task
     def partitions(run: dict[str, Any]) -> list[dict[str, Any]]:
         return tasks.list_partitions(run)
@@ -183,7 +198,9 @@ def gru4rec_daily() -> None:
         return retention_task(run)
 
     run = plan()
-    reports = validate.partial(run=run).expand(partition=partitions(run))
+    partition_list = partitions(run)
+    wait_for_partition(run) >> partition_list
+    reports = validate.partial(run=run).expand(partition=partition_list)
     dataset = build(run, reports)
     results = train.expand(trial=prepare_trials(run, dataset))
     promoted = promote(run, dataset, results)

@@ -166,6 +166,11 @@ class AirflowConfig:
 
 
 @dataclass(frozen=True)
+    # Late data: the run's sensor waits for its day's partition (reschedule mode: no worker slot is held
+    # between looks), then fails with "no partition dt=X after N h".
+    partition_poke_minutes: float = 5.0  # how often the sensor looks for the partition
+    partition_timeout_hours: float = 6.0  # how long it waits before failing the run
+    partition_marker: str = ""  # completion marker that must be in the partition (e.g. "_SUCCESS"); "" = none
 class AlertsConfig:
     """Who is told, and when (pipeline/alerts.py). No channel is configured by default: nothing is sent.
 

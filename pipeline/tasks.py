@@ -95,6 +95,8 @@ class DagSettings:
     train_days: int
     grid: Any
     promotion_margin: float
+    partition_poke_interval: dt.timedelta  # the late-data sensor's look interval
+    partition_sensor_timeout: dt.timedelta  # Airflow's own bound, past the timeout our pokes enforce
 
     @property
     def dataset_asset(self) -> tuple[str, str]:
@@ -126,8 +128,11 @@ class DagSettings:
 
 
 def dag_settings() -> DagSettings:
+    from pipeline.partitions import WaitPolicy
+
     cfg = load_pipeline_config()
     af = cfg.airflow
+    wait = WaitPolicy.from_config(af)
     try:
         start = dt.datetime.fromisoformat(af.start_date)
     except ValueError:
@@ -144,6 +149,8 @@ def dag_settings() -> DagSettings:
         train_days=af.train_days,
         grid=af.grid,
         promotion_margin=cfg.tracking.promotion_margin,
+        partition_poke_interval=dt.timedelta(seconds=wait.poke_interval_s),
+        partition_sensor_timeout=dt.timedelta(seconds=wait.sensor_timeout_s),
     )
 
 
@@ -268,6 +275,24 @@ def plan_run(
         "trials": trials,
         "config": to_dict(config),
     }
+
+
+def wait_for_partitions(run: Mapping[str, Any], first_poke: dt.datetime | None) -> dict[str, Any] | None:
+    """One look of the late-data sensor: the wait record once the run's partitions are ready, else None.
+
+    Raises InputError ("no partition dt=X after N h") when ``airflow.partition_timeout_hours`` have passed
+    since ``first_poke`` (see pipeline.partitions).
+    """
+    from pipeline import partitions
+
+    policy = partitions.WaitPolicy.from_config(config_of(run).airflow)
+    record = partitions.poke(run, policy, first_poke=first_poke)
+    if record["state"] != "ready":
+        missing = ", ".join(p["uri"] for p in record["partitions"] if not p["ready"])
+        log.info("waiting for %s: next look in %s", missing, partitions.duration_text(policy.poke_interval_s))
+        return None
+    log.info("ready: %s", ", ".join(f"dt={p['date']} (waited {p['waited_s']:.0f} s)" for p in record["partitions"]))
+    return record
 
 
 def list_partitions(run: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -763,3 +788,11 @@ def summarize(run: Mapping[str, Any], promoted: Mapping[str, Any]) -> str:
     tracking.end_run(promoted["parent_run_id"])
     set_run_note(run["dag_id"], run["run_id"], note, cfg.airflow.api_conn_id)
     return note
+def _partitions_waited(run: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The late partitions this run waited for, and how long (from its sensor's wait record)."""
+    from pipeline import partitions
+
+    return partitions.waited_for(partitions.read_record(run))
+
+
+            "partitions_waited": _partitions_waited(run),

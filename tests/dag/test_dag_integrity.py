@@ -62,6 +62,7 @@ print(json.dumps({{"seconds": time.perf_counter() - start,
 def test_structure_and_dependencies(dag) -> None:
     assert set(dag.task_ids) == {
         "plan",
+        "wait_for_partition",
         "partitions",
         "validate",
         "build",
@@ -74,8 +75,10 @@ def test_structure_and_dependencies(dag) -> None:
     }
     downstream = {t.task_id: sorted(t.downstream_task_ids) for t in dag.tasks}
     assert downstream["plan"] == [
-        "build", "partitions", "prepare_trials", "promote", "retention", "summary", "validate", "watch"
+        "build", "partitions", "prepare_trials", "promote", "retention", "summary", "validate",
+        "wait_for_partition", "watch"
     ]  # fmt: skip
+    assert downstream["wait_for_partition"] == ["partitions"]
     assert downstream["partitions"] == ["validate"]
     assert downstream["validate"] == ["build"]
     assert downstream["build"] == ["prepare_trials", "promote", "watch"]
@@ -90,6 +93,14 @@ def test_structure_and_dependencies(dag) -> None:
 
     mapped = sorted(t.task_id for t in dag.tasks if isinstance(t, MappedOperator))
     assert mapped == ["train", "validate"]
+
+
+def test_late_data_sensor_gives_its_worker_slot_back_between_looks(dag) -> None:
+    sensor = dag.get_task("wait_for_partition")
+    assert sensor.mode == "reschedule"
+    assert sensor.poke_interval == 5 * 60  # airflow.partition_poke_minutes
+    # Airflow's own timeout comes after airflow.partition_timeout_hours: the pokes fail first, more clearly.
+    assert sensor.timeout > 6 * 3600
 
 
 def test_schedule_and_run_settings(dag) -> None:
