@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.processes import alive, stop_trees
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 STATE_FILE = "stack.json"
@@ -351,49 +352,6 @@ def _resolve(argv: Iterable[str]) -> list[str]:
 # Processes
 
 
-def _alive(pid: int) -> bool:
-    import psutil
-
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass  # not our child (started by another `up`): init reaps it
-
-
-def kill_trees(pids: Iterable[int], sig: int = signal.SIGTERM, grace: float = 15.0) -> None:
-    """Signal processes and every descendant of theirs (task processes live in process groups of their
-    own, so a process-group kill would miss them), then SIGKILL whatever is left after ``grace`` seconds.
-    All trees are signalled at once so their shutdowns overlap."""
-    import psutil
-
-    procs: list[psutil.Process] = []
-    for pid in pids:
-        try:
-            root = psutil.Process(pid)
-            procs += [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            _reap(pid)
-    for proc in procs:
-        try:
-            proc.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-    _, left = psutil.wait_procs(procs, timeout=grace, callback=lambda p: _reap(p.pid))
-    for proc in left:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(left, timeout=5, callback=lambda p: _reap(p.pid))
-
-
 def _spawn(state: StackState, service: Service) -> int:
     state.logs.mkdir(parents=True, exist_ok=True)
     with open(state.logs / f"{service.name}.log", "ab") as log:
@@ -430,7 +388,7 @@ def stop_service(state: StackState, name: str, *, crash: bool = False) -> None:
     """Stop one service by its pid: SIGTERM with a grace period, or SIGKILL at once (``crash``)."""
     pid = state.pids.get(name)
     if pid:
-        kill_trees([pid], signal.SIGKILL if crash else signal.SIGTERM, grace=0 if crash else 15)
+        stop_trees([pid], signal.SIGKILL if crash else signal.SIGTERM, grace=0 if crash else 15)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,7 +416,7 @@ def _wait(state: StackState, name: str, check, timeout: float) -> None:
         if check():
             return
         pid = state.pids.get(name)
-        if pid and not _alive(pid):
+        if pid and not alive(pid):
             log = state.logs / f"{name}.log"
             raise StackError(f"{name} exited during start-up; see {log}:\n{_tail(log)}")
         time.sleep(1.0)
@@ -640,7 +598,7 @@ def up(
     root = Path(home).resolve() if home else default_home()
     if (root / STATE_FILE).exists():
         old = StackState.load(root)
-        if any(_alive(p) for p in old.pids.values()):
+        if any(alive(p) for p in [*old.pids.values(), old.s3_pid] if p):
             raise StackError(f"a stack is already running from {root}; run `stack.sh down` first")
         down(root)
     (root / "secrets").mkdir(parents=True, exist_ok=True)
@@ -710,11 +668,16 @@ def down(home: str | Path | None = None) -> None:
     state = StackState.load(root)
     errors: list[str] = []
     try:
-        kill_trees([state.pids[name] for name in SERVICE_NAMES if state.pids.get(name)], signal.SIGTERM, grace=10)
+        stop_trees([state.pids[name] for name in SERVICE_NAMES if state.pids.get(name)], signal.SIGTERM, grace=10)
     except Exception as exc:  # keep going: the databases must still be dropped
         errors.append(f"stopping services {state.pids}: {exc}")
-    if state.s3_pid:
-        s3server.stop(state.s3_pid)
+    s3_stopped = True
+    if state.s3_pid:  # after the services, which write to it until they stop
+        try:
+            s3server.stop(state.s3_pid, timeout=10)
+        except Exception as exc:
+            s3_stopped = False
+            errors.append(f"stopping SeaweedFS (pid {state.s3_pid}): {exc}")
     try:
         drop_databases([state.airflow_db, state.mlflow_db])
     except Exception as exc:
@@ -724,8 +687,10 @@ def down(home: str | Path | None = None) -> None:
             _release_redis_db(state.redis_db, str(root))
         except Exception as exc:
             errors.append(f"releasing Redis db {state.redis_db}: {exc}")
-    shutil.rmtree(root / "s3", ignore_errors=True)
-    (root / STATE_FILE).unlink(missing_ok=True)
+    if s3_stopped:  # never delete the data folder under a server that still runs
+        shutil.rmtree(root / "s3", ignore_errors=True)
+    if not errors:
+        (root / STATE_FILE).unlink(missing_ok=True)
     if errors:
         raise StackError("stack stopped with errors: " + "; ".join(errors))
 
@@ -735,11 +700,11 @@ def status(home: str | Path | None = None) -> dict[str, dict[str, Any]]:
     state = StackState.load(home or default_home())
     health = airflow_health(state)
     out: dict[str, dict[str, Any]] = {
-        "seaweedfs": {"pid": state.s3_pid, "alive": _alive(state.s3_pid), "url": state.s3_endpoint}
+        "seaweedfs": {"pid": state.s3_pid, "alive": alive(state.s3_pid), "url": state.s3_endpoint}
     }
     for name in SERVICE_NAMES:
         pid = state.pids.get(name, 0)
-        entry: dict[str, Any] = {"pid": pid, "alive": bool(pid) and _alive(pid)}
+        entry: dict[str, Any] = {"pid": pid, "alive": bool(pid) and alive(pid)}
         if name in HEARTBEAT_JOBS:
             entry["health"] = health.get(HEARTBEAT_JOBS[name], "unknown")
         elif name == "airflow-api-server":

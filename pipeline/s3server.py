@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.processes import stop_trees
 
 
 @dataclass(frozen=True)
@@ -119,22 +119,9 @@ def start(
 
 
 def stop(pid: int, timeout: float = 20.0) -> None:
-    """Stop the server started with :func:`start` (its whole process group)."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-            reaped, _ = os.waitpid(pid, os.WNOHANG)
-            if reaped:
-                return
-        except (ProcessLookupError, ChildProcessError):
-            return
-        time.sleep(0.2)
-    os.killpg(pid, signal.SIGKILL)
+    """Stop the server started with :func:`start` and wait until it is gone (SIGKILL after ``timeout``
+    seconds: ``weed`` does not always exit on SIGTERM), also when the caller did not start it."""
+    stop_trees([pid], grace=timeout)
 
 
 def create_bucket(server: S3Server, bucket: str) -> None:

@@ -1,5 +1,5 @@
-"""Unit tests of pipeline.localstack's own logic: process-tree kills, environments, state, Redis claims.
-The services themselves run in tests/infra/test_stack.py. About 2 seconds."""
+"""Unit tests of pipeline.localstack's own logic: process-tree stops (pipeline.processes), environments, state,
+Redis claims. The services themselves run in tests/infra/test_stack.py. About 5 seconds."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from pipeline import localstack
+from pipeline import localstack, processes, s3server
 
 
 def _state(tmp_path: Path) -> localstack.StackState:
@@ -36,7 +37,7 @@ def _state(tmp_path: Path) -> localstack.StackState:
     )
 
 
-def test_kill_trees_reaches_descendants_in_their_own_process_groups(tmp_path: Path) -> None:
+def test_stop_trees_reaches_descendants_in_their_own_process_groups(tmp_path: Path) -> None:
     """Airflow puts each task process in a process group of its own: a process-group kill would miss it."""
     pid_file = tmp_path / "grandchild.pid"
     code = (
@@ -52,12 +53,48 @@ def test_kill_trees_reaches_descendants_in_their_own_process_groups(tmp_path: Pa
         time.sleep(0.1)
     grandchild = int(pid_file.read_text())
     assert os.getpgid(grandchild) != os.getpgid(child.pid)
-    localstack.kill_trees([child.pid], signal.SIGKILL, grace=0)
-    deadline = time.monotonic() + 5
-    while localstack._alive(child.pid) or localstack._alive(grandchild):
-        assert time.monotonic() < deadline, "a process of the tree survived"
-        time.sleep(0.1)
-    child.wait(timeout=5)  # already reaped by kill_trees: returns at once
+    processes.stop_trees([child.pid], signal.SIGKILL, grace=0)
+    # stop_trees returns only once every process of the tree is gone.
+    assert not processes.alive(child.pid) and not processes.alive(grandchild)
+    child.wait(timeout=5)  # already reaped by stop_trees: returns at once
+
+
+def _orphan(tmp_path: Path, code: str) -> int:
+    """Start ``code`` in a process whose parent exits at once, as ``stack.sh up`` does: we are not its parent."""
+    pid_file = tmp_path / "orphan.pid"
+    launcher = (
+        "import subprocess, sys\n"
+        f"p = subprocess.Popen([sys.executable, '-c', {code!r}], start_new_session=True)\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+    )
+    subprocess.run([sys.executable, "-c", launcher], check=True, timeout=30)
+    pid = int(pid_file.read_text())
+    assert os.getppid() != pid and psutil.Process(pid).ppid() != os.getpid()
+    return pid
+
+
+def test_a_server_ignoring_sigterm_is_killed_and_waited_for_by_a_process_that_is_not_its_parent(
+    tmp_path: Path,
+) -> None:
+    """`weed` does not always exit on SIGTERM, and `stack.sh down` is not its parent: the stop must poll it
+    until it is gone and SIGKILL it after the grace period (it used to return at once, leaving it running)."""
+    ready = tmp_path / "ready"
+    code = (
+        "import signal, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"open({str(ready)!r}, 'w').close()\n"
+        "time.sleep(300)\n"
+    )
+    pid = _orphan(tmp_path, code)
+    deadline = time.monotonic() + 20
+    while not ready.exists():  # SIGTERM is ignored from here on
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    started = time.monotonic()
+    s3server.stop(pid, timeout=1.0)  # what `down` calls for SeaweedFS
+    took = time.monotonic() - started
+    assert not processes.alive(pid)
+    assert took >= 1.0  # it waited the grace period for SIGTERM before SIGKILL (not "not our child: done")
 
 
 def test_worker_hostname_names_the_service(monkeypatch: pytest.MonkeyPatch) -> None:
