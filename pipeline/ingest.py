@@ -361,24 +361,29 @@ def _numbers_to_timestamp(arr: pa.ChunkedArray, factor: int) -> pa.ChunkedArray:
     return pa.chunked_array(chunks, type=TIMESTAMP_TYPE)
 
 
-def check_timestamp_unit(uri: str, source: str, times: pa.ChunkedArray, unit: str) -> None:
+def check_timestamp_unit(
+    uri: str, source: str, times: pa.ChunkedArray, unit: str, numbers: Callable[[], pa.ChunkedArray]
+) -> None:
     """A clear error when most numeric times of a file lie after year 5000: they are in a finer unit than
-    ``ingest.timestamp_unit`` (milliseconds read as seconds, ...). A few such rows are left to the window rule."""
+    ``ingest.timestamp_unit`` (milliseconds read as seconds, ...). A few such rows are left to the window rule.
+    ``numbers``: the source numbers (asked for only then: ``times`` are clipped at the int64 range)."""
     micros = times.cast(pa.int64()).drop_null().to_numpy()
     if micros.size == 0:
         return
-    seconds = np.abs(micros.astype(np.float64)) / 1e6
-    share = float(np.mean(seconds > _IMPLAUSIBLE_SECONDS))
+    share = float(np.mean(np.abs(micros.astype(np.float64)) / 1e6 > _IMPLAUSIBLE_SECONDS))
     if share <= 0.5:
         return
     factor = TIMESTAMP_UNITS[unit]
-    typical = float(np.median(seconds))
+    values = numbers().cast(pa.float64()).drop_null().to_numpy()
+    typical = float(np.median(np.abs(values))) * factor / 1e6  # in seconds, as read
     finer = [u for u, f in TIMESTAMP_UNITS.items() if f < factor and typical * f / factor < _IMPLAUSIBLE_SECONDS]
-    hint = f"they look like {finer[0]!r}: set ingest.timestamp_unit={finer[0]}" if finer else (
-        "no supported unit (s, ms, us) makes them plausible: convert them to one")
+    guess = finer[0] if finer else None
+    hint = f"they look like {guess!r}: set ingest.timestamp_unit={guess}" if guess else (
+        "no supported unit (s, ms, us) makes them plausible: convert them to one of those")
     raise InputError(
         f"{uri}: column {source!r}: {share:.0%} of the timestamps are after year 5000 when read as "
-        f"ingest.timestamp_unit={unit!r}; {hint} (e.g. --set ingest.timestamp_unit={finer[0] if finer else 'ms'})"
+        f"ingest.timestamp_unit={unit!r}; {hint}"
+        + (f" (e.g. --set ingest.timestamp_unit={guess})" if guess else "")
     )
 
 
@@ -695,12 +700,9 @@ def _read_csv(
     Converting values (times, numbers) is the caller's, per value, with :func:`convert_values`.
     """
     include = include or header[:1]  # [] would mean "all columns"
+    # Cells stay exactly as written (a rejected line's raw text is rebuilt from them); null_values apply after.
     convert = pacsv.ConvertOptions(
-        column_types={name: pa.binary() for name in include},
-        include_columns=include,
-        null_values=list(null_values),
-        strings_can_be_null=True,
-        quoted_strings_can_be_null=True,
+        column_types={name: pa.binary() for name in include}, include_columns=include, null_values=[]
     )
     first_line = 2 if has_header else 1
     for threads in (True, False):
@@ -723,8 +725,9 @@ def _read_csv(
     rows = np.delete(np.arange(n, dtype=np.int64), [m[0] for m in malformed]) if malformed else np.arange(n)
     table, decode_bad = {}, np.zeros(cells.num_rows, dtype=bool)
     for name in cells.column_names:
-        table[name], bad_cells = _decode(cells.column(name))
+        text, bad_cells = _decode(cells.column(name))
         decode_bad |= bad_cells
+        table[name] = _as_null(text, null_values)
     lines = _Lines(uri, pa.table(table), cells, delimiter, first_line, rows, malformed)
     if has_header and cells.num_rows:
         repeated = np.ones(cells.num_rows, dtype=bool)
@@ -734,6 +737,17 @@ def _read_csv(
         lines.flag("repeated_header", repeated)
     lines.flag("bad_encoding", decode_bad)
     return lines
+
+
+def _as_null(arr: pa.ChunkedArray, null_values: Sequence[str]) -> pa.ChunkedArray:
+    """Cells spelled as one of ``null_values`` become null."""
+    if list(null_values) == [""]:
+        missing = pc.equal(pc.binary_length(arr), 0)  # the common case, cheaper than a set lookup
+    else:
+        missing = pc.is_in(arr, value_set=pa.array(list(null_values), pa.string()))
+    if not pc.any(missing).as_py():
+        return arr
+    return pc.if_else(missing, pa.scalar(None, arr.type), arr)
 
 
 def _text_time_column(
@@ -752,7 +766,7 @@ def _text_time_column(
         return arr
     times, bad = parsed
     if iso is not True:  # numbers (or possibly numbers): a file of milliseconds read as seconds is an error
-        check_timestamp_unit(uri, source, times, unit)
+        check_timestamp_unit(uri, source, times, unit, lambda: pc.if_else(pa.array(bad), None, arr))
     lines.flag("bad_timestamp", bad & ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool))
     return times
 
@@ -948,7 +962,7 @@ def _generic(
     else:
         columns[TIMESTAMP] = _convert_time(uri, time_source, times, config.timestamp_unit, problems)
         if times is not None and (pa.types.is_integer(times.type) or pa.types.is_floating(times.type)):
-            check_timestamp_unit(uri, time_source, columns[TIMESTAMP], config.timestamp_unit)
+            check_timestamp_unit(uri, time_source, columns[TIMESTAMP], config.timestamp_unit, lambda: times)
     for name in (USER_ID, EVENT_TYPE):
         arr = get(name)
         if arr is not None:
