@@ -1,9 +1,16 @@
 """GRU4Rec training losses over a sampled score matrix.
 
-Every loss takes ``scores`` of shape (B, B + n_sample): column j < B is the target of row j (in-batch
-negatives for the other rows), the remaining columns are the shared popularity samples. The target of
-row i is therefore the diagonal entry (i, i). Each returns the SUM over rows; the caller divides by the
-batch size (the original's loss scaling). The softmax is applied exactly once, here, after sampling.
+The definitions (``cross_entropy``, ``bpr_max``) take ``scores`` of shape (B, B + n_sample): column j < B is
+the target of row j (in-batch negatives for the other rows), the remaining columns are the shared popularity
+samples. The target of row i is therefore the diagonal entry (i, i). Each returns the SUM over rows; the
+caller divides by the batch size (the original's loss scaling). The softmax is applied exactly once, after
+sampling.
+
+Training uses the grouped forms (``*_grouped``): the same losses over a (B, distinct rows) score matrix,
+where each distinct item row carries the log of the total weight of the columns it stands for (see
+``pipeline.sampling.RowPlan``), returning the loss and its gradient in closed form. Columns of one item have
+equal scores, so a softmax over columns equals a softmax over distinct rows with those log weights added;
+the matrix is about half as wide and no autograd graph is built. Tests check both forms agree.
 """
 
 from __future__ import annotations
@@ -48,6 +55,65 @@ def bpr_max(scores: Tensor, bpreg: float = 0.0, elu_param: float = 0.0) -> Tenso
     if bpreg:
         loss = loss + bpreg * (weights * scores.square()).sum(dim=1)
     return loss.sum()
+
+
+def cross_entropy_grouped(
+    scores: Tensor, log_weight: Tensor, y_col: Tensor, target_shift: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Sampled softmax cross-entropy over distinct rows: (row-sum loss, d(scale * loss) / d scores).
+
+    ``log_weight`` (U,) per distinct row (logQ weights included), ``y_col`` (B,) each row's target column,
+    ``target_shift`` (B,) the logQ correction of each target's own column (zeros without logQ).
+    """
+    z = scores + log_weight
+    lse = torch.logsumexp(z, dim=1, keepdim=True)
+    target = scores.gather(1, y_col.unsqueeze(1))
+    loss_sum = (lse - target).sum() + target_shift.sum()
+    grad = z.sub_(lse).exp_()  # softmax over the (weighted) columns
+    grad.scatter_add_(1, y_col.unsqueeze(1), torch.full_like(target, -1.0))
+    return loss_sum, grad.mul_(scale)
+
+
+def bpr_max_grouped(
+    scores: Tensor,
+    log_weight: Tensor,
+    y_col: Tensor,
+    own_log_weight: Tensor,
+    scale: float,
+    bpreg: float = 0.0,
+    elu_param: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """BPR-max over distinct rows: (row-sum loss, d(scale * loss) / d scores).
+
+    ``log_weight`` (U,) is log #columns per distinct row; a row's negatives are every column but its own
+    target, so its target row's weight is one less: ``own_log_weight`` (B,) = log(weight - 1) there.
+    With w the softmax weights of the negatives and sig_u = sigmoid(s_target - s_u):
+    loss = -log(sum_u w_u sig_u) + bpreg * sum_u w_u s_u**2, and
+    d/ds_v = -(w_v (sig_v - R - sig_v (1 - sig_v)) + [v = target] sum_u w_u sig_u (1 - sig_u)) / R
+             + bpreg * w_v (s_v**2 - G + 2 s_v), with R, G the two sums.
+    """
+    s = F.elu(scores, alpha=elu_param) if elu_param > 0 else scores
+    col = y_col.unsqueeze(1)
+    negatives = log_weight.expand_as(s).scatter(1, col, own_log_weight.unsqueeze(1))
+    w = torch.softmax(s + negatives, dim=1)
+    target = s.gather(1, col)
+    sig = torch.sigmoid(target - s)
+    w_sig = w * sig
+    ranking = w_sig.sum(1, keepdim=True)
+    loss = -torch.log(ranking + EPS)
+    # -1/R * dR/ds: the negatives' part, then the target's part added on its own column
+    inv = -1.0 / (ranking + EPS)
+    w_sig_slope = w_sig * (1.0 - sig)
+    grad = (w_sig - w_sig_slope).sub_(w * ranking).mul_(inv)
+    grad.scatter_add_(1, col, w_sig_slope.sum(1, keepdim=True).mul_(inv))
+    if bpreg:
+        square = s * s
+        reg = (w * square).sum(1, keepdim=True)
+        loss = loss + bpreg * reg
+        grad.add_(w.mul_(square.sub_(reg).add_(s, alpha=2.0)), alpha=bpreg)
+    if elu_param > 0:  # d elu(x) / dx = 1 for x > 0, elu(x) + alpha otherwise
+        grad.mul_(torch.where(scores > 0, 1.0, s + elu_param))
+    return loss.sum(), grad.mul_(scale)
 
 
 def compute(name: str, scores: Tensor, *, log_q: Tensor | None, logq: float, bpreg: float, elu_param: float) -> Tensor:

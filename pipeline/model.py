@@ -5,6 +5,11 @@ needs (the inputs of a step, the in-batch targets and the shared negative sample
 the output layer is only ever evaluated on those items and the item tables get sparse, row-wise updates.
 ``forward`` is the convenient full form used by evaluation and prediction.
 
+Training does not build an autograd graph: ``train_forward`` runs one step and keeps what its backward needs,
+``train_backward`` returns the gradients in closed form (the GRU cell's derivative is short, and since the
+hidden state is detached after every step nothing flows back in time). That halves the operations of a
+step; tests compare both against autograd.
+
 Input modes (``GRU4RecConfig``):
 - constrained (shared) embedding: the input embedding of an item IS its row of the output matrix ``Wy``;
 - a separate input embedding ``E`` of size ``embedding``;
@@ -17,11 +22,36 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 Hidden = list[Tensor]
+
+
+class LayerCache(NamedTuple):
+    """What one GRU layer's backward needs from its forward."""
+
+    x: Tensor | None  # the layer's input (None: one-hot input, the gathered rows were the projection)
+    h: Tensor  # previous state
+    gh_n: Tensor  # W_hn h + b_hn
+    rz: Tensor  # reset and update gates side by side
+    cand: Tensor  # candidate state
+    diff: Tensor  # cand - h
+    mask: Tensor | None  # dropout mask of the layer output (already scaled by 1 / (1 - p))
+
+
+class StepCache(NamedTuple):
+    layers: list[LayerCache]
+    embed_mask: Tensor | None  # dropout mask of the input embedding
+
+
+def dropout_mask(like: Tensor, p: float, training: bool) -> Tensor | None:
+    """The inverted-dropout multiplier for ``like`` (None when nothing is dropped)."""
+    if not training or p == 0.0:
+        return None
+    return torch.rand_like(like).ge_(p).mul_(1.0 / (1.0 - p))  # 1/(1-p) where kept, else 0; no dtype cast
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -30,10 +60,8 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     Same semantics as ``F.dropout``; drawing the mask with ``rand`` is several times faster on CPU than
     the per-element Bernoulli sampler ``F.dropout`` uses there.
     """
-    if not training or p == 0.0:
-        return x
-    keep = (torch.rand_like(x) >= p).to(x.dtype)
-    return x * keep.mul_(1.0 / (1.0 - p))
+    mask = dropout_mask(x, p, training)
+    return x if mask is None else x * mask
 
 
 def glorot_(weight: Tensor, fan_in: int, fan_out: int) -> Tensor:
@@ -82,6 +110,35 @@ class GRULayer(nn.Module):
         r, z = rz[:, :n], rz[:, n:]
         cand = torch.tanh(gx[:, 2 * n :] + r * gh[:, 2 * n :])
         return torch.lerp(h, cand, z)  # (1 - z) * h + z * cand
+
+    def cell_train(self, gx: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``cell`` keeping its intermediates: (new state, gh_n, rz, cand, cand - h)."""
+        n = self.n_hidden
+        gh = torch.addmm(self.bias_hh, h, self.w_hh)
+        rz = gx[:, : 2 * n].add(gh[:, : 2 * n]).sigmoid_()
+        gh_n = gh[:, 2 * n :]
+        cand = torch.addcmul(gx[:, 2 * n :], rz[:, :n], gh_n).tanh_()
+        diff = cand - h
+        return torch.addcmul(h, rz[:, n:], diff), gh_n, rz, cand, diff
+
+    def cell_backward(self, c: LayerCache, d_new: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Gradient of the step input projection ``gx`` and of this layer's dense parameters
+        (``dense_parameters`` order), given the gradient of the new state. Nothing flows into ``h``."""
+        n = self.n_hidden
+        r = c.rz[:, :n]
+        d_pre_n = d_new * c.rz[:, n:]
+        d_pre_n.mul_(1.0 - c.cand * c.cand)  # through tanh
+        d_rz = torch.cat([d_pre_n * c.gh_n, d_new * c.diff], dim=1)
+        d_rz.mul_(torch.addcmul(c.rz, c.rz, c.rz, value=-1.0))  # through sigmoid: rz (1 - rz)
+        d_gx = torch.cat([d_rz, d_pre_n], dim=1)
+        d_gh = torch.cat([d_rz, d_pre_n.mul_(r)], dim=1)
+        grads = [] if c.x is None else [c.x.t().mm(d_gx)]
+        grads += [c.h.t().mm(d_gh), d_gx.sum(0), d_gh.sum(0)]
+        return d_gx, grads
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """The layer's parameters in the order ``cell_backward`` returns their gradients."""
+        return ([] if self.w_ih is None else [self.w_ih]) + [self.w_hh, self.bias, self.bias_hh]
 
 
 class GRU4Rec(nn.Module):
@@ -175,6 +232,45 @@ class GRU4Rec(nn.Module):
             x = dropout(x, self.dropout_p_hidden, self.training)
             new_hidden.append(x)
         return x, new_hidden
+
+    def train_forward(self, x_rows: Tensor, hidden: Hidden) -> tuple[Tensor, Hidden, StepCache]:
+        """``step`` in training mode, without autograd, keeping what ``train_backward`` needs."""
+        layers: list[LayerCache] = []
+        new_hidden: Hidden = []
+        embed_mask = None
+        if self.Wx0 is not None:
+            x: Tensor | None = None
+            gx = x_rows + self.gru[0].bias
+        else:
+            embed_mask = dropout_mask(x_rows, self.dropout_p_embed, self.training)
+            x = x_rows if embed_mask is None else x_rows * embed_mask
+            gx = self.gru[0].input_projection(x)
+        for i, layer in enumerate(self.gru):
+            if i:
+                gx = layer.input_projection(x)
+            new, gh_n, rz, cand, diff = layer.cell_train(gx, hidden[i])
+            mask = dropout_mask(new, self.dropout_p_hidden, self.training)
+            out = new if mask is None else new * mask
+            layers.append(LayerCache(x, hidden[i], gh_n, rz, cand, diff, mask))
+            new_hidden.append(out)
+            x = out
+        return out, new_hidden, StepCache(layers, embed_mask)
+
+    def train_backward(self, cache: StepCache, d_out: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Gradients of ``dense_parameters()`` and of the gathered input rows, given d loss / d output."""
+        grads: list[list[Tensor]] = []
+        d = d_out
+        for layer, c in zip(reversed(self.gru), reversed(cache.layers), strict=True):
+            d_gx, g = layer.cell_backward(c, d if c.mask is None else d * c.mask)
+            grads.append(g)
+            d = d_gx if layer.w_ih is None else d_gx.mm(layer.w_ih.t())
+        if cache.embed_mask is not None:
+            d = d * cache.embed_mask
+        return [t for g in reversed(grads) for t in g], d
+
+    def dense_parameters(self) -> list[nn.Parameter]:
+        """The GRU weights (everything but the item tables), in ``train_backward``'s order."""
+        return [p for layer in self.gru for p in layer.dense_parameters()]
 
     @staticmethod
     def score(out: Tensor, w_rows: Tensor, b_rows: Tensor) -> Tensor:

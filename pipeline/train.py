@@ -2,10 +2,12 @@
 
 The whole mini-batch schedule of an epoch is worked out once, before training, as flat index arrays
 (``Schedule``): which item each batch row reads, which item it must predict and which rows start a new
-session (their hidden state is zeroed). The hot loop then only slices those arrays, so each step costs a
-handful of tensor ops: gather the rows of the item tables it needs (inputs, in-batch targets, one shared
-block of popularity samples), one GRU step, scores for those items only, the loss, and Adagrad updates
-of the touched rows. Nothing in the loop waits on the device except a finite-loss check every
+session (their hidden state is zeroed). Before each block of steps, the host draws the block's negative
+samples and plans every step's distinct item rows (``pipeline.sampling.plan_rows``). The hot loop then only
+slices those arrays, so each step costs a few dozen tensor ops: gather the distinct rows of the item tables
+(inputs, in-batch targets, one shared block of popularity samples), one GRU step, scores for those rows
+only, the loss and its gradient in closed form (no autograd graph), and Adagrad updates of the touched rows.
+No step reads anything back from the device; the loop does so only for a finite-loss check every
 ``CHECK_EVERY`` steps.
 
 Reproducibility: the model is initialised from ``config.seed``, and every epoch re-seeds dropout and the
@@ -25,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -37,9 +39,9 @@ from pipeline.config import GRU4RecConfig, to_dict
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.evaluate import ClickLog, ItemMap, build_item_map, evaluate, index_sessions, read_log
 from pipeline.model import GRU4Rec
-from pipeline.optim import AdagradM
+from pipeline.optim import AdagradM, take_rows
 from pipeline.predict import CHECKPOINT, build_model, resolve_device
-from pipeline.sampling import PopularitySampler
+from pipeline.sampling import PopularitySampler, RowPlan, plan_rows
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +136,10 @@ def build_schedule(items: np.ndarray, offsets: np.ndarray, batch_size: int) -> S
 
 @dataclass
 class _DeviceSchedule:
-    """A schedule's arrays on the training device, plus the host-side bounds the loop slices with."""
+    """A schedule with its per-step state handling on the training device (the host keeps the items:
+    the block planner reads them there)."""
 
-    inputs: Tensor
-    targets: Tensor
+    schedule: Schedule
     keep: Tensor  # float (n, 1): 0 where a session starts (its hidden row is zeroed), else 1
     bounds: list[int]
     carry: dict[int, Tensor]
@@ -145,12 +147,73 @@ class _DeviceSchedule:
     @classmethod
     def of(cls, schedule: Schedule, device: torch.device) -> _DeviceSchedule:
         return cls(
-            inputs=torch.as_tensor(schedule.inputs, device=device),
-            targets=torch.as_tensor(schedule.targets, device=device),
+            schedule=schedule,
             keep=torch.as_tensor(~schedule.fresh, dtype=torch.float32, device=device).unsqueeze(1),
             bounds=schedule.bounds.tolist(),
             carry={t: torch.as_tensor(c, device=device) for t, c in schedule.carry.items()},
         )
+
+
+@dataclass
+class _Block:
+    """The row plan of steps ``first``..``first + n - 1`` on the training device, sliced per step with
+    host-side bounds (so a step never reads a size from the device)."""
+
+    first: int  # first step of the block
+    entry0: int  # schedule entry where the block starts
+    rows: Tensor
+    row_bounds: list[int]
+    y_col: Tensor
+    x_col: Tensor
+    log_weight: Tensor
+    target_shift: Tensor
+    x_rows: Tensor | None
+    x_row_bounds: list[int] | None
+
+    @classmethod
+    def of(cls, plan: RowPlan, first: int, entry0: int, device: torch.device) -> _Block:
+        def move(a: np.ndarray) -> Tensor:
+            t = torch.from_numpy(np.ascontiguousarray(a))
+            if device.type == "cpu":
+                return t
+            return t.pin_memory().to(device, non_blocking=True)  # queued behind the running steps, no wait
+
+        return cls(
+            first=first,
+            entry0=entry0,
+            rows=move(plan.rows),
+            row_bounds=plan.row_bounds.tolist(),
+            y_col=move(plan.y_col),
+            x_col=move(plan.x_col),
+            log_weight=move(plan.log_weight),
+            target_shift=move(plan.target_shift),
+            x_rows=None if plan.x_rows is None else move(plan.x_rows),
+            x_row_bounds=None if plan.x_row_bounds is None else plan.x_row_bounds.tolist(),
+        )
+
+
+class StepRows(NamedTuple):
+    """The item rows of one step (device tensors): see ``pipeline.sampling.RowPlan``."""
+
+    rows: Tensor
+    y_col: Tensor
+    x_col: Tensor
+    log_weight: Tensor
+    target_shift: Tensor
+    x_rows: Tensor | None
+
+
+def _step_rows(block: _Block, t: int, lo: int, hi: int) -> StepRows:
+    k = t - block.first
+    r0, r1 = block.row_bounds[k], block.row_bounds[k + 1]
+    e0, e1 = lo - block.entry0, hi - block.entry0
+    x_rows = None
+    if block.x_rows is not None:
+        assert block.x_row_bounds is not None
+        x_rows = block.x_rows[block.x_row_bounds[k] : block.x_row_bounds[k + 1]]
+    return StepRows(
+        block.rows[r0:r1], block.y_col[e0:e1], block.x_col[e0:e1], block.log_weight[r0:r1], block.target_shift[e0:e1], x_rows
+    )
 
 
 class Trainer:
@@ -160,64 +223,75 @@ class Trainer:
         self.model = model
         self.config = config
         self.device = device
-        counts = torch.as_tensor(item_counts, dtype=torch.float64, device=device)
         self.tables = [model.Wy, model.By] + [t for t in (model.E, model.Wx0) if t is not None]
-        dense = [p for p in model.parameters() if all(p is not t for t in self.tables)]
-        self.optimizer = AdagradM(dense, self.tables, lr=config.learning_rate, momentum=config.momentum)
-        self.sampler = (
-            PopularitySampler(counts, config.n_sample, config.sample_alpha, cache_size=config.sample_cache_size)
-            if config.n_sample > 0
-            else None
+        self.optimizer = AdagradM(model.dense_parameters(), self.tables, lr=config.learning_rate, momentum=config.momentum)
+        counts = np.asarray(item_counts)
+        self.sampler = PopularitySampler(counts, config.n_sample, config.sample_alpha) if config.n_sample > 0 else None
+        self.log_count = np.log(np.maximum(counts, 1)).astype(np.float64)
+        # Steps planned at once: the plan takes ~40 bytes per sample, so blocks stay near 2^20 samples.
+        per_step = max(config.n_sample, 1)
+        self.block_steps = max(1, min(config.sample_cache_size, 1 << 20) // per_step)
+
+    def plan(self, schedule: Schedule, first: int, last: int, rng: np.random.Generator) -> _Block:
+        """The row plan of steps first..last-1 (their samples drawn from ``rng``), on the device."""
+        cfg = self.config
+        lo, hi = int(schedule.bounds[first]), int(schedule.bounds[last])
+        samples = self.sampler.draw(rng, last - first) if self.sampler is not None else None
+        plan = plan_rows(
+            schedule.inputs[lo:hi],
+            schedule.targets[lo:hi],
+            schedule.bounds[first : last + 1] - lo,
+            samples,
+            self.model.n_items,
+            shared=self.model.constrained_embedding,
+            log_count=self.log_count,
+            loss=cfg.loss,
+            logq=cfg.logq,
+            sample_alpha=cfg.sample_alpha,
         )
-        # logQ correction: in-batch targets come with the data's popularity, the extra samples with
-        # popularity ** alpha (counts, not shares: the shift between the two groups is part of the method).
-        log_count = torch.log(counts.clamp_min(1)).to(torch.float32)
-        self.log_q_targets = log_count
-        self.log_q_samples = config.sample_alpha * log_count
-        self.use_log_q = config.loss == "cross-entropy" and config.logq != 0
+        return _Block.of(plan, first, lo, self.device)
 
-    def _step(self, x: Tensor, y: Tensor, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """One mini-batch: forward on the gathered rows, loss, backward, Adagrad. Returns (row-sum loss, state).
+    @torch.no_grad()
+    def _step(self, step: StepRows, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        """One mini-batch: forward on the gathered rows, loss and gradients in closed form, Adagrad.
 
-        Each item row is gathered once (``unique``) as a leaf tensor: the score matrix is computed against
-        the distinct rows and its columns expanded to (targets + samples), so the matrix product works on
-        fewer columns and the gradient of every touched row arrives already summed, ready for a row update.
+        Returns (row-sum loss, new hidden state). Every size comes from the plan: no sync with the device.
         """
         cfg, model, opt = self.config, self.model, self.optimizer
-        b = x.shape[0]
-        sample = self.sampler.draw() if self.sampler is not None else None
-        out_items = torch.cat([y, sample]) if sample is not None else y
-        shared = model.constrained_embedding
-        rows, inverse = torch.unique(torch.cat([x, out_items]) if shared else out_items, return_inverse=True)
-        w_rows = model.Wy.detach().index_select(0, rows).requires_grad_()
-        b_rows = model.By.detach().index_select(0, rows).requires_grad_()
-        if shared:
-            x_rows = w_rows.index_select(0, inverse[:b])
-            columns = inverse[b:]
+        b = step.y_col.shape[0]
+        w_rows = take_rows(model.Wy.data, step.rows)
+        b_rows = take_rows(model.By.data, step.rows)
+        if model.constrained_embedding:
+            x_table_rows = None
+            x_in = w_rows.index_select(0, step.x_col)
         else:
-            x_rows = model.input_table.detach().index_select(0, x).requires_grad_()
-            columns = inverse
+            assert step.x_rows is not None
+            x_table_rows = take_rows(model.input_table.data, step.x_rows)
+            x_in = x_table_rows.index_select(0, step.x_col)
 
-        out, hidden = model.step(x_rows, hidden)
-        scores = model.score(out, w_rows, b_rows).index_select(1, columns)
-        log_q = None
-        if self.use_log_q:
-            parts = [self.log_q_targets.index_select(0, y)]
-            if sample is not None:
-                parts.append(self.log_q_samples.index_select(0, sample))
-            log_q = torch.cat(parts)
-        loss_sum = losses.compute(
-            cfg.loss, scores, log_q=log_q, logq=cfg.logq, bpreg=cfg.bpreg, elu_param=cfg.elu_param
-        )
-        (loss_sum / b).backward()
+        out, hidden, cache = model.train_forward(x_in, hidden)
+        scores = torch.addmm(b_rows, out, w_rows.t())
+        if cfg.loss == "cross-entropy":
+            loss_sum, d_scores = losses.cross_entropy_grouped(scores, step.log_weight, step.y_col, step.target_shift, 1.0 / b)
+        elif cfg.loss == "bpr-max":
+            loss_sum, d_scores = losses.bpr_max_grouped(
+                scores, step.log_weight, step.y_col, step.target_shift, 1.0 / b, cfg.bpreg, cfg.elu_param
+            )
+        else:
+            raise ConfigError(f"unknown loss {cfg.loss!r}; expected one of {', '.join(losses.LOSSES)}")
+        d_w = d_scores.t().mm(out)
+        d_b = d_scores.sum(0)
+        dense_grads, d_x = model.train_backward(cache, d_scores.mm(w_rows))
 
-        opt.step_dense()
-        opt.zero_grad()
-        opt.step_rows(model.Wy, rows, w_rows.grad, unique=True)
-        opt.step_rows(model.By, rows, b_rows.grad, unique=True)
-        if not shared:
-            opt.step_rows(model.input_table, x, x_rows.grad)
-        return loss_sum.detach(), [h.detach() for h in hidden]
+        opt.step_dense(dense_grads)
+        if x_table_rows is None:
+            d_w.index_add_(0, step.x_col, d_x)
+        else:
+            d_x_rows = d_x.new_zeros(x_table_rows.shape).index_add_(0, step.x_col, d_x)
+            opt.step_rows(model.input_table, step.x_rows, d_x_rows, unique=True, current=x_table_rows)
+        opt.step_rows(model.Wy, step.rows, d_w, unique=True, current=w_rows)
+        opt.step_rows(model.By, step.rows, d_b, unique=True, current=b_rows)
+        return loss_sum, hidden
 
     def run_epoch(
         self,
@@ -234,27 +308,25 @@ class Trainer:
         self.model.train()
         seed = epoch_seed(self.config.seed, epoch)
         torch.manual_seed(seed[0])  # dropout
-        if self.sampler is not None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(seed[1])
-            steps = len(schedule.bounds) - 1
-            self.sampler.reset(gen, rows=max(steps, 1))
+        rng = np.random.default_rng(seed[1])  # negative samples
         bounds = schedule.bounds
         n_steps = len(bounds) - 1
         width = bounds[1] - bounds[0]
         hidden = self.model.init_hidden(width, self.device)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
+        block = None
         for t in range(n_steps):
+            if block is None or t - block.first >= len(block.row_bounds) - 1:
+                block = self.plan(schedule.schedule, t, min(t + self.block_steps, n_steps), rng)
             lo, hi = bounds[t], bounds[t + 1]
             carry = schedule.carry.get(t)
             if carry is not None:
                 hidden = [h.index_select(0, carry) for h in hidden]
             keep = schedule.keep[lo:hi]
             hidden = [h * keep for h in hidden]
-            x = schedule.inputs[lo:hi]
             if step_hook is not None:
-                step_hook(t, x, hidden)
-            loss_sum, hidden = self._step(x, schedule.targets[lo:hi], hidden)
+                step_hook(t, torch.as_tensor(schedule.schedule.inputs[lo:hi]), hidden)
+            loss_sum, hidden = self._step(_step_rows(block, t, lo, hi), hidden)
             total += loss_sum
             if (t + 1) % CHECK_EVERY == 0 or t + 1 == n_steps:
                 value = float(total) / hi

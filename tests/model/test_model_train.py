@@ -20,7 +20,7 @@ from torch.utils._pytree import tree_leaves
 from pipeline.errors import TrainingError
 from pipeline.evaluate import build_item_map, index_sessions, read_log
 from pipeline.predict import build_model
-from pipeline.train import Trainer, _DeviceSchedule, build_schedule, train
+from pipeline.train import Schedule, Trainer, _DeviceSchedule, _step_rows, build_schedule, train
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -78,33 +78,26 @@ class _OutputShapes(TorchDispatchMode):
 
 @pytest.mark.parametrize("loss", ["cross-entropy", "bpr-max"])
 def test_a_step_scores_only_targets_and_samples_never_the_catalogue(loss):
-    """A 5000-item catalogue: a step that scored every item would build a (batch x 5000) matrix."""
-    import pyarrow as pa
+    """A 5000-item catalogue: a step that scored every item would build a (batch x 5000) matrix. The score
+    matrix has one column per distinct row of the step's inputs, targets and samples."""
+    import numpy as np
 
     n_items, batch, n_sample = 5000, 8, 16
-    table = pa.table(
-        {
-            "session_id": [f"s{i // 2}" for i in range(2 * n_items)],
-            "item_id": [f"i{i % n_items}" for i in range(2 * n_items)],
-            "timestamp": pa.array([i * 1_000_000 for i in range(2 * n_items)], pa.timestamp("us", tz="UTC")),
-        }
-    )
-    log = read_log(table)
-    item_map = build_item_map(log)
-    assert len(item_map) == n_items
     config = tiny_config(layers=(4,), batch_size=batch, n_sample=n_sample, loss=loss, elu_param=0.5, bpreg=1.0)
     model = build_model(config, n_items)
-    trainer = Trainer(model, config, item_map.counts, CPU)
-    x, y = torch.arange(batch), torch.arange(batch) + 100
+    trainer = Trainer(model, config, np.ones(n_items, np.int64), CPU)
+    schedule = Schedule(np.arange(batch), np.arange(batch) + 100, np.ones(batch, bool), np.array([0, batch]), {}, np.arange(batch))
+    block = trainer.plan(schedule, 0, 1, np.random.default_rng(0))
+    step = _step_rows(block, 0, 0, batch)
+    distinct = len(set(range(batch)) | set(range(100, 100 + batch)) | set(step.rows.tolist()))
+    assert len(step.rows) == distinct <= 2 * batch + n_sample
     hidden = model.init_hidden(batch)
-    trainer.sampler.reset(rows=4)
-    trainer.sampler.draw()  # the buffer of pre-drawn samples is filled outside the step
     with _OutputShapes() as probe:
-        _, new_hidden = trainer._step(x, y, hidden)
+        _, new_hidden = trainer._step(step, hidden)
     assert all(h.grad_fn is None and not h.requires_grad for h in new_hidden)  # no backprop across steps
     sizes = [(name, shape) for name, shape in probe.outputs if torch.Size(shape).numel() >= batch * n_items]
     assert not sizes, f"catalogue-sized intermediate results: {sizes}"
-    assert any(shape == (batch, batch + n_sample) for _, shape in probe.outputs)  # targets + shared samples
+    assert any(shape == (batch, distinct) for _, shape in probe.outputs)  # scores of the step's rows only
 
 
 def test_nan_loss_stops_training_with_a_clear_error(synth, tmp_path):
@@ -212,16 +205,3 @@ def test_threads_setting_is_restored(synth, tmp_path):
     before = torch.get_num_threads()
     train(synth["train"], tiny_config(n_epochs=1), tmp_path / "m", device="cpu", threads=1)
     assert torch.get_num_threads() == before
-
-
-def test_logq_uses_popularity_for_targets_and_popularity_to_the_alpha_for_samples(synth):
-    import numpy as np
-
-    model, trainer, _, _ = _setup(synth["train"], sample_alpha=0.3, logq=1.0)
-    log = read_log(synth["train"])
-    counts = build_item_map(log).counts
-    np.testing.assert_allclose(trainer.log_q_targets.numpy(), np.log(counts), rtol=1e-6)
-    np.testing.assert_allclose(trainer.log_q_samples.numpy(), 0.3 * np.log(counts), rtol=1e-6)
-    assert trainer.use_log_q
-    _, bpr, _, _ = _setup(synth["train"], loss="bpr-max", logq=1.0)
-    assert not bpr.use_log_q  # logQ belongs to the sampled softmax only
