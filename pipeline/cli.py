@@ -11,7 +11,9 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
@@ -49,6 +51,10 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -56,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     setup_logging(args.verbose or bool(os.environ.get("PIPELINE_DEBUG")))
+    # SIGTERM (a timeout, `kill`, a stopping worker) becomes an exit, so cleanups run: work folders, staging.
+    if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+        signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         result = args.handler(args)
     except PipelineError as exc:

@@ -68,6 +68,7 @@ from pipeline.schema import (
     TIMESTAMP,
     TIMESTAMP_TYPE,
 )
+from pipeline.expectations import seconds_before_session_max
 from pipeline.spill import ArrayStore
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ ROW_GROUP = 1 << 20
 # costs time and saves nothing.
 PARQUET_OPTIONS = {"compression": "zstd", "use_dictionary": ["item_id", "item_idx"]}
 VALIDATION_REPORT = "report.json"  # a validate output folder: its clean/ rows are the input
+WORK_PREFIXES = ("pipeline-build-", "pipeline-spill-")  # local work folders of a build (its files, its spill)
 # Working memory per event while a bucket is ordered (its codes in, 16 bytes; sort keys, 8; the sorted copies,
 # 16; shifted ranks and masks): the budget divided by this, shared by the threads, is the bucket size.
 BYTES_PER_ROW = 56
@@ -88,6 +90,25 @@ MIN_I64 = np.iinfo(np.int64).min
 TRAIN, VALID, TEST = 0, 1, 2  # split codes of rows (-1: dropped)
 THREADS = min(4, os.cpu_count() or 1)  # buckets worked on at once (they share the memory budget)
 T = TypeVar("T")
+
+
+@dataclass
+class SessionRules:
+    """The validation's whole-session rules, applied here over the build's whole window: validation sees one
+    partition at a time, so a session crossing midnight is only whole here. Rows that break them are
+    quarantined (``quarantine/`` of the dataset, with their rule as ``reason``), like validation's."""
+
+    max_session_length: int | None = None  # sessions with more events are quarantined whole; None: off
+    check_order: bool = False  # an event earlier than an earlier event (input order) of its session is quarantined
+
+    @property
+    def active(self) -> bool:
+        return self.max_session_length is not None or self.check_order
+
+
+# Their names (as in the validation suite), in the order a row's reasons are joined.
+SESSION_RULES = ("session_order", "session_length")
+QUARANTINE_COLUMNS = pa.schema(list(SPLIT_SCHEMA)[:3] + [pa.field("reason", pa.string(), nullable=False)])
 
 
 @dataclass
@@ -327,9 +348,16 @@ class _Build:
     main thread combines their results in bucket order."""
 
     def __init__(
-        self, scan: _Scan, store: ArrayStore, config: BuildConfig, max_rows: int, threads: int
+        self,
+        scan: _Scan,
+        store: ArrayStore,
+        config: BuildConfig,
+        max_rows: int,
+        threads: int,
+        rules: SessionRules | None = None,
     ) -> None:
         self.scan, self.store, self.config, self.threads = scan, store, config, threads
+        self.rules = rules or SessionRules()
         present = np.flatnonzero(scan.lengths > 0)
         # Sessions by rank: everything per session below is indexed by rank in (start, id) order.
         self.code_of_rank = present[_by_start_then_id(scan.starts[present], present, scan.s_dict)].astype(
@@ -343,6 +371,7 @@ class _Build:
         self.stats: dict[str, Any] = {
             "input": {"events": scan.rows, "sessions": len(present), "items": int(np.count_nonzero(scan.supports))},
             "dropped": {"repeats": 0, "short_sessions": 0, "rare_items": 0},
+            "quarantined": {"events": 0, **{rule: 0 for rule in SESSION_RULES}},
         }  # fmt: skip
         # The threads share the budget, and there are at least as many buckets as threads.
         per_thread = -(-scan.rows // threads)
@@ -384,13 +413,27 @@ class _Build:
         return ~self.session_out[rows["r"]] & ~self.item_out[rows["i"]]
 
     def order(self) -> None:
-        """Sort each bucket into (rank, time, input order); drop consecutive repeats if asked."""
+        """Quarantine rows breaking the whole-session rules; sort each bucket into (rank, time, input order);
+        drop consecutive repeats if asked."""
+        rules = self.rules
+        too_long = None
+        if rules.max_session_length is not None:
+            too_long = self.lengths > rules.max_session_length  # every event of the session, over the window
 
-        def one(b: int) -> tuple[np.ndarray, np.ndarray]:
+        def one(b: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
             rows = _gather(self.store, f"b{b}", self.n_parts)
             r, i, t = rows["r"], rows["i"], rows["t"]
             del rows
-            if len(t) < 2 or bool((t[1:] >= t[:-1]).all()):
+            in_time_order = len(t) < 2 or bool((t[1:] >= t[:-1]).all())
+            quarantined = (r[:0], i[:0])
+            if rules.active:
+                why = self._rule_bits(r, t, too_long, in_time_order)
+                if why.any():
+                    out = why > 0
+                    self.store.put(f"q{b}", r=r[out], i=i[out], t=t[out], why=why[out])
+                    quarantined = (r[out], i[out])
+                    r, i, t = r[~out], i[~out], t[~out]
+            if in_time_order:
                 # Time-ordered input: one stable sort by session keeps each session's rows in time order.
                 perm = _stable_argsort(r - int(self.bounds[b]))
             else:
@@ -405,14 +448,48 @@ class _Build:
                     dropped = (r[repeat], i[repeat])
                     r, i, t = r[~repeat], i[~repeat], t[~repeat]
             self.store.put(f"o{b}", r=r, i=i, t=t)
-            return dropped
+            return dropped, quarantined
 
         repeats = 0
-        for r, i in self._map(one):
-            self.lengths -= np.bincount(r, minlength=self.n_sessions)
-            self.supports -= np.bincount(i, minlength=self.n_items)
+        for (r, i), (qr, qi) in self._map(one):
+            for rs, items in ((r, i), (qr, qi)):
+                self.lengths -= np.bincount(rs, minlength=self.n_sessions)
+                self.supports -= np.bincount(items, minlength=self.n_items)
             repeats += len(r)
+            self.stats["quarantined"]["events"] += len(qr)
         self.stats["dropped"]["repeats"] = repeats
+
+    def _rule_bits(
+        self, r: np.ndarray, t: np.ndarray, too_long: np.ndarray | None, in_time_order: bool
+    ) -> np.ndarray:
+        """Per row (input order), a bit per broken rule of :data:`SESSION_RULES`."""
+        why = np.zeros(len(r), dtype=np.int8)
+        if self.rules.check_order and not in_time_order:
+            behind = seconds_before_session_max(r, t, np.ones(len(r), dtype=bool))
+            why |= (behind > 0).astype(np.int8)
+        if too_long is not None:
+            why |= too_long[r].astype(np.int8) << 1
+        return why
+
+    def quarantine(self) -> pa.Table | None:
+        """The quarantined rows (bucket by bucket, input order within each) with their rules, counted in the
+        statistics; None when there are none."""
+        pieces = [q for b in range(self.n_buckets) if (q := self.store.pop(f"q{b}")) is not None]
+        if not pieces:
+            return None
+        r, i, t, why = (np.concatenate([p[k] for p in pieces]) for k in ("r", "i", "t", "why"))
+        labels = [";".join(rule for k, rule in enumerate(SESSION_RULES) if code >> k & 1) for code in range(4)]
+        for k, rule in enumerate(SESSION_RULES):
+            self.stats["quarantined"][rule] = int(((why >> k) & 1).sum())
+        return pa.table(
+            [
+                self.scan.s_dict.take(pa.array(self.code_of_rank[r])),
+                self.scan.i_dict.take(pa.array(i)),
+                pa.array(t).cast(TIMESTAMP_TYPE),
+                pa.array(labels, pa.string()).take(pa.array(why.astype(np.int64))),
+            ],
+            schema=QUARANTINE_COLUMNS,
+        )
 
     def _count(self, session_sel: np.ndarray, item_sel: np.ndarray, by: str) -> np.ndarray:
         """Rows whose session and item are selected, counted per session (``by="r"``) or item (``"i"``)."""
@@ -643,9 +720,11 @@ def _run_build(
     parts: Iterable[tuple[str, pa.Table]],
     build: BuildConfig,
     emit: Callable[[str, pa.Table], None],
+    rules: SessionRules | None = None,
 ) -> tuple[pa.Table, dict[str, Any]]:
-    """The whole build over ``parts`` (``(where, events)`` pairs, in input order). Split rows go to ``emit``
-    in order; returns the item map and the statistics."""
+    """The whole build over ``parts`` (``(where, events)`` pairs, in input order). Split rows (and quarantined
+    rows, as ``"quarantine"``) go to ``emit`` in order; returns the item map and the statistics.
+    ``rules`` is read after the parts are (so a reader may switch its order rule off on the way)."""
     check_config(build)
     budget = build.memory_budget_mb << 20
     max_rows = max(1, budget // BYTES_PER_ROW)
@@ -654,7 +733,7 @@ def _run_build(
         t0 = time.perf_counter()
         scan = _scan(parts, store)
         pa.default_memory_pool().release_unused()  # the input files' buffers: Arrow's allocator keeps them otherwise
-        job = _Build(scan, store, build, max_rows, THREADS)
+        job = _Build(scan, store, build, max_rows, THREADS, rules)
         if store.spilled or job.budget_limited:
             log.info(
                 "building %d events in %d buckets of up to ~%d events (memory_budget_mb=%d, %.0f MB spilled to %s)",
@@ -662,6 +741,13 @@ def _run_build(
                 build.spill_dir or tempfile.gettempdir(),
             )  # fmt: skip
         job.order()
+        quarantined = job.quarantine()
+        if quarantined is not None:
+            log.warning(
+                "quarantined %d events breaking whole-session rules over the window: %s", quarantined.num_rows,
+                {k: v for k, v in job.stats["quarantined"].items() if k != "events" and v},
+            )  # fmt: skip
+            emit("quarantine", quarantined)
         job.filter()
         job.split()
         job.index_items()
@@ -760,15 +846,17 @@ def _put_file(local: str, uri: str) -> None:
         shutil.move(local, uri)
 
 
-def _resolve_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
-    """``(recorded inputs, files to read)``: a validation output folder stands for the clean files its report
-    lists (recorded as its ``clean/`` folder, beside the report); a failed validation is refused."""
+def _resolve_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str], SessionRules]:
+    """``(recorded inputs, files to read, whole-session rules)``: a validation output folder stands for the
+    clean files its report lists (recorded as its ``clean/`` folder, beside the report); a failed validation is
+    refused. Validated inputs bring the validation's session rules, to be applied over the whole window."""
     from pipeline.validate import (
         CLEAN,
         clean_files,
     )  # clean_files reads the report; no Great Expectations import
 
     recorded, files = [], []
+    rules = SessionRules()
     for uri in inputs:
         if storage.is_dir(uri) and storage.exists(storage.join(uri, VALIDATION_REPORT)):
             clean = clean_files(uri)
@@ -776,18 +864,26 @@ def _resolve_inputs(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
                 raise InputError(f"{uri}: the validation kept no clean rows; nothing to build from")
             recorded.append(storage.join(uri, CLEAN))
             files.extend(clean)
+            settings = storage.read_json(storage.join(uri, VALIDATION_REPORT)).get("config", {}).get("validation", {})
+            if "max_session_length" in settings:  # the strictest of the inputs' settings
+                limit = int(settings["max_session_length"])
+                rules.max_session_length = min(limit, rules.max_session_length or limit)
+            rules.check_order = rules.check_order or settings.get("check_session_order") is not False
         else:
             recorded.append(uri)
-            files.extend(storage.expand([uri]))
-    return [storage.normalize(u) for u in recorded], files
+            files.extend(ingest_mod.list_inputs([uri])[0])
+    return [storage.normalize(u) for u in recorded], files, rules
 
 
 class _NeedsSessions(Exception):
     """A user-only log: sessions must be derived over all files at once."""
 
 
-def _read_parts(files: Sequence[str], ingest: IngestConfig) -> Iterator[tuple[str, pa.Table]]:
-    """One file at a time (the next one decoded meanwhile): memory holds at most two files' events."""
+def _read_parts(
+    files: Sequence[str], ingest: IngestConfig, rules: SessionRules | None = None
+) -> Iterator[tuple[str, pa.Table]]:
+    """One file at a time (the next one decoded meanwhile): memory holds at most two files' events. A file
+    whose rows are not time-ordered per session (e.g. from Diginetica) turns ``rules``' order rule off."""
     columns = [SESSION_ID, ITEM_ID, TIMESTAMP]
 
     def read(uri: str) -> ingest_mod.FileRead:
@@ -803,6 +899,8 @@ def _read_parts(files: Sequence[str], ingest: IngestConfig) -> Iterator[tuple[st
                 for future in pending:
                     future.cancel()
                 raise _NeedsSessions
+            if rules is not None and not result.ordered:
+                rules.check_order = False
             yield uri, result.table.select(columns)
 
 
@@ -828,7 +926,8 @@ def _commit(
             "files": files,
             "columns": {"splits": SPLIT_SCHEMA.names, "items": ITEMS_SCHEMA.names},
             "counts": {k: stats[k] for k in ("input", "after_filtering", *SPLITS)}
-            | {"dropped": stats["dropped"], "filter_iterations": stats["filter_iterations"]},
+            | {"dropped": stats["dropped"], "filter_iterations": stats["filter_iterations"]}
+            | ({"quarantined": stats["quarantined"]} if "quarantined" in stats else {}),
             "time_ranges": {k: {"start": stats[k]["start"], "end": stats[k]["end"]} for k in SPLITS},
             "split_times": stats["split_times"],
             "pipeline_version": __version__,
@@ -837,6 +936,30 @@ def _commit(
         }
         storage.write_json(storage.join(tmp, MANIFEST), manifest)
     return manifest
+
+
+def sweep_stale_work_dirs(root: str | None = None, older_than_s: float = storage.STALE_STAGING_SECONDS) -> list[str]:
+    """Remove the work folders (:data:`WORK_PREFIXES`) that killed builds left in ``root`` (default: the temp
+    folder), once nothing in them changed for ``older_than_s``; returns what was removed. A build that ends,
+    fails or gets SIGTERM (the CLI turns it into an exit) removes its own; only SIGKILL leaves one behind."""
+    root = root or tempfile.gettempdir()
+    removed = []
+    try:
+        entries = [e for e in os.scandir(root) if e.is_dir(follow_symlinks=False) and e.name.startswith(WORK_PREFIXES)]
+    except OSError:
+        return removed
+    now = time.time()
+    for entry in entries:
+        try:
+            touched = max([entry.stat().st_mtime] + [e.stat().st_mtime for e in os.scandir(entry.path)])
+        except OSError:
+            continue  # removed meanwhile
+        if now - touched > older_than_s:
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(entry.path)
+    if removed:
+        log.info("removed %d stale build work folder(s) in %s", len(removed), root)
+    return removed
 
 
 def build_dataset(
@@ -854,12 +977,13 @@ def build_dataset(
     check_config(build)
     ingest_mod.check_config(ingest)
     storage.check_disjoint(inputs, out_dir)
-    recorded, files = _resolve_inputs(inputs)
+    recorded, files, rules = _resolve_inputs(inputs)
+    sweep_stale_work_dirs(build.spill_dir or None)
     # Parquet goes to a local folder first (written in row groups, hashed), then into place by its hash.
-    with tempfile.TemporaryDirectory(prefix="pipeline-build-", dir=build.spill_dir or None) as local:
+    with tempfile.TemporaryDirectory(prefix=WORK_PREFIXES[0], dir=build.spill_dir or None) as local:
         try:
             sink = _ParquetSink(local)
-            items, stats = _run_build(_read_parts(files, ingest), build, sink.write)
+            items, stats = _run_build(_read_parts(files, ingest, rules), build, sink.write, rules)
         except _NeedsSessions:
             log.info(
                 "user-only log: deriving sessions over all %d files at once (validate does it per day)",
@@ -869,12 +993,12 @@ def build_dataset(
                 files, ingest, columns=[SESSION_ID, ITEM_ID, TIMESTAMP], dictionary_ids=True
             )
             sink = _ParquetSink(local)
-            items, stats = _run_build([("events", events)], build, sink.write)
+            items, stats = _run_build([("events", events)], build, sink.write, rules)
             del events
         sink.write("items", items)
         extra = {
             "inputs": recorded,
-            "config": {"ingest": to_dict(ingest), "build": to_dict(build)},
+            "config": {"ingest": to_dict(ingest), "build": to_dict(build), "session_rules": to_dict(rules)},
         }
         manifest = _commit(out_dir, sink.close(), stats, extra)
     log.info(
@@ -886,7 +1010,7 @@ def build_dataset(
 
 def write_dataset(splits: Splits, out_dir: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write in-memory splits (from :func:`build_splits`) as a dataset at ``out_dir`` (tests, notebooks)."""
-    with tempfile.TemporaryDirectory(prefix="pipeline-build-") as local:
+    with tempfile.TemporaryDirectory(prefix=WORK_PREFIXES[0]) as local:
         sink = _ParquetSink(local)
         for name, table in splits.tables().items():
             sink.write(name, table)

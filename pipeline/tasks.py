@@ -509,7 +509,9 @@ def build_dataset(run: Mapping[str, Any], reports: list[Mapping[str, Any]]) -> d
         "fingerprint": str(manifest.get("fingerprint", "")),
         "counts": manifest.get("counts", {}),
         "partitions": [r["date"] for r in ordered],
-        "rows_quarantined": sum(r["rows_quarantined"] for r in ordered),
+        # Partition by partition in validation, then whole sessions over the window in the build.
+        "rows_quarantined": sum(r["rows_quarantined"] for r in ordered)
+        + int(manifest.get("counts", {}).get("quarantined", {}).get("events", 0)),
         "reports": [r["report_uri"] for r in ordered],
     }
 
@@ -622,7 +624,8 @@ def _headline_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
 def evaluate_and_promote(
     run: Mapping[str, Any], dataset: Mapping[str, Any], results: list[Mapping[str, Any]]
 ) -> dict[str, Any]:
-    """Register the best trial and decide against the champion (pipeline.registry's rules), once per date.
+    """Select a trial on validation, confirm it against the champion on test and register it
+    (pipeline.registry's rules), once per date.
 
     A decision already recorded under this date's parent run for the same candidates is returned as it
     is: re-running a date never registers, compares or moves an alias again.
@@ -642,7 +645,10 @@ def evaluate_and_promote(
         )
     else:
         device = os.environ.get("PIPELINE_DEVICE", "auto")
-        decision = registry.promote(cfg, run_ids, parent_run_id=parent, device=device).to_dict()
+        actor = f"airflow {run['dag_id']} run {run['run_id']}"
+        decision = registry.promote(
+            cfg, run_ids, parent_run_id=parent, device=device, date=run["date"], actor=actor
+        ).to_dict()
     log.info("promotion decision: %s: %s", decision["action"], decision["reason"])
     return {
         "decision": decision,
@@ -678,7 +684,8 @@ def _recorded_decision(cfg: PipelineConfig, parent_run_id: str, run_ids: list[st
 
 
 def _champion(cfg: PipelineConfig) -> dict[str, Any] | None:
-    """The registry's champion after the decision, with the metrics of the run it came from."""
+    """The registry's champion after the decision, with the metrics of the run it came from, whether it
+    is pinned and the operator action (``promote --to-version`` / ``--rollback``) that put it there."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -697,7 +704,18 @@ def _champion(cfg: PipelineConfig) -> dict[str, Any] | None:
         "run_id": version.run_id,
         "experiment_id": None,
         "metrics": {},
+        "pinned": None,
+        "operator_action": None,
     }
+    pin = registry.pin_state(client, tcfg.registered_model)
+    if pin is not None:
+        champion["pinned"] = {"by": pin.actor, "reason": pin.reason, "at": pin.at}
+    if version.tags.get(registry.TAG_OPERATOR_ACTION):
+        champion["operator_action"] = {
+            "action": version.tags[registry.TAG_OPERATOR_ACTION],
+            "by": version.tags.get(registry.TAG_OPERATOR_ACTOR, ""),
+            "reason": version.tags.get(registry.TAG_OPERATOR_REASON, ""),
+        }
     try:
         source = client.get_run(version.run_id)
     except MlflowException as exc:  # a version registered from a since-deleted run still serves
@@ -730,12 +748,14 @@ def format_note(run: Mapping[str, Any], promoted: Mapping[str, Any]) -> str:
     recall = metric.replace("mrr_at_", "recall_at_")
     best = next((t for t in promoted["trials"] if t["run_id"] == decision.get("candidate_run_id")), None)
     best_metrics = best["metrics"] if best else {}
+    valid = {c["run_id"]: c.get("valid_value") for c in decision.get("candidates") or []}  # what selected
     version = decision.get("candidate_version")
     head = {
         "promoted": f"**promoted**: {decision['model_name']} v{version} is now @champion",
         "challenger": f"**not promoted**: {decision['model_name']} v{version} tagged @challenger",
         "unchanged": f"**unchanged**: the candidate is already the champion (v{version})",
-        "refused": "**refused**: no candidate passed the guards",
+        "refused": "**refused**: the alias did not move",
+        "pinned": f"**pinned**: @champion is frozen; {decision['model_name']} v{version} compared and tagged @challenger",
     }.get(decision["action"], f"**{decision['action']}**")
     if decision.get("champion_version"):
         versus = f" vs champion v{decision['champion_version']} {_fmt(decision.get('champion_value'))} (same test data)"
@@ -749,11 +769,19 @@ def format_note(run: Mapping[str, Any], promoted: Mapping[str, Any]) -> str:
         f" | POP {_fmt(best_metrics.get('baseline_pop_' + recall))}",
         "trials: "
         + "; ".join(
-            f"{t['name']} ({t['label']}) {metric} {_fmt(t['metrics'].get(metric))}"
+            f"{t['name']} ({t['label']}) valid {_fmt(valid.get(t['run_id']))} test {_fmt(t['metrics'].get(metric))}"
             for t in promoted["trials"]
         ),
+        f"selected on {decision.get('selected_on', '-')} among {decision.get('n_trials', len(promoted['trials']))} trial(s)",
         f"reason: {decision['reason']}",
     ]
+    champion = promoted.get("champion") or {}
+    if champion.get("pinned"):
+        pin = champion["pinned"]
+        lines.append(f"@champion v{champion['version']} pinned by {pin['by']} since {pin['at']}: {pin['reason']}")
+    if champion.get("operator_action"):
+        op = champion["operator_action"]
+        lines.append(f"@champion v{champion['version']} set by operator ({op['action']}, {op['by']}): {op['reason']}")
     links = [f"parent run {mlflow_run_link(promoted['experiment_id'], promoted['parent_run_id'])}"]
     if best:
         links.append(f"best trial {mlflow_run_link(promoted['experiment_id'], best['run_id'])}")
@@ -762,6 +790,13 @@ def format_note(run: Mapping[str, Any], promoted: Mapping[str, Any]) -> str:
     # Keep the links even when a long reason would push the note past Airflow's limit.
     room = NOTE_LIMIT - len(tail) - 1
     return (note if len(note) <= room else note[: room - 1] + "…") + "\n" + tail
+
+
+def _partitions_waited(run: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The late partitions this run waited for, and how long (from its sensor's wait record)."""
+    from pipeline import partitions
+
+    return partitions.waited_for(partitions.read_record(run))
 
 
 def summarize(run: Mapping[str, Any], promoted: Mapping[str, Any]) -> str:
@@ -782,17 +817,10 @@ def summarize(run: Mapping[str, Any], promoted: Mapping[str, Any]) -> str:
                 k: promoted[k]
                 for k in ("decision", "champion", "trials", "parent_run_id", "experiment_id", "dataset")
             },
+            "partitions_waited": _partitions_waited(run),
         },
     )
     tracking.configure(cfg.tracking)
     tracking.end_run(promoted["parent_run_id"])
     set_run_note(run["dag_id"], run["run_id"], note, cfg.airflow.api_conn_id)
     return note
-def _partitions_waited(run: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The late partitions this run waited for, and how long (from its sensor's wait record)."""
-    from pipeline import partitions
-
-    return partitions.waited_for(partitions.read_record(run))
-
-
-            "partitions_waited": _partitions_waited(run),
