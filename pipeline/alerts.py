@@ -368,8 +368,9 @@ def deadline_alert(context: Mapping[str, Any] | None, hours: float) -> Alert:
     run = dict(context.get("dag_run") or {})
     due = (context.get("deadline") or {}).get("deadline_time")
     dag_id, run_id = str(run.get("dag_id", "")), str(run.get("dag_run_id") or run.get("run_id") or "")
+    after = f"{hours:g} h" if hours >= 1 else f"{hours * 60:.3g} min"
     text = (
-        f"DAG run {run_id} of {dag_id} was not finished {hours:g} h after it was queued "
+        f"DAG run {run_id} of {dag_id} was not finished {after} after it was queued "
         f"(queued {run.get('queued_at')}, deadline {due}, state now {run.get('state')}).\n"
         "A task may hang, wait for the gpu pool or for a worker listening on its queue."
     )
