@@ -308,3 +308,31 @@ def test_daily_dag_survives_a_gpu_worker_crash_mid_training(stack: localstack.St
     assert sorted(history) == list(range(1, epochs + 1))
     versions = mlflow_client.search_model_versions(f"name = '{TrackingConfig().registered_model}'")
     assert len({v.run_id for v in versions}) == len(versions)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deadline alerts (pipeline.alerts): a run made to overrun is reported by e-mail and webhook
+
+
+def test_a_run_past_its_deadline_alerts_by_email_and_webhook(stack: localstack.StackState) -> None:
+    """The scheduler notices the missed deadline and the triggerer runs the pipeline's callback (~40 s)."""
+    from alert_receivers import running_receivers
+
+    api = stack.api()
+    with running_receivers() as inbox:
+        for name, value in inbox.connections().items():  # the channels, as connections in the metadata DB
+            conn = json.loads(value)
+            api.post("/connections", {
+                "connection_id": name.removeprefix("AIRFLOW_CONN_").lower(), "conn_type": conn["conn_type"],
+                "host": conn["host"], "port": conn["port"], "schema": conn.get("schema"),
+                "password": conn.get("password"), "extra": json.dumps(conn.get("extra") or {}),
+            })  # fmt: skip
+        api.wait_for_dag("deadline_probe")
+        run_id = api.trigger("deadline_probe", "2026-01-05T00:00:00+00:00", {})["dag_run_id"]
+        inbox.wait_for(lambda r: bool(r.posts and r.mails), timeout=120)
+        alert = inbox.posts[0]["json"]
+        assert (alert["kind"], alert["dag_id"], alert["run_id"]) == ("deadline_missed", "deadline_probe", run_id)
+        assert alert["details"]["state"] == "running"  # reported while the run was still going
+        assert inbox.mails[0].recipients == ["oncall@example.test"] and "kind: deadline_missed" in inbox.mails[0].body
+        assert api.wait_for_run("deadline_probe", run_id, timeout=120)["state"] == "success"
+    assert len(inbox.posts) == len(inbox.mails) == 1  # one alert per missed deadline
