@@ -244,3 +244,48 @@ def test_alerts_config_rejects_bad_values() -> None:
         AlertsConfig(quarantine_warn_share=2.0)
     with pytest.raises(ConfigError, match="deadline_hours"):
         from_mapping(PipelineConfig, {"alerts": {"deadline_hours": -1}})
+
+
+DAG_PROBE = """
+import json
+from airflow.dag_processing.dagbag import DagBag
+bag = DagBag(dag_folder="dags")
+assert not bag.import_errors, bag.import_errors
+dag = bag.dags["gru4rec_daily"]  # parsed, not read back from a database
+print(json.dumps({
+    "deadline": [[str(a.interval), a.callback.path] for a in dag.deadline or []],
+    "callbacks": {t.task_id: [getattr(c, "__name__", type(c).__name__) for c in t.on_failure_callback] for t in dag.tasks},
+}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("alerts_section", "deadline", "callbacks"),
+    [
+        ({}, [], ["on_task_failure"]),  # the default: quiet, nothing registered
+        ({"webhook_conn_id": "hook", "deadline_hours": 3}, [["3:00:00", "pipeline.alerts.deadline_missed"]],
+         ["on_task_failure", "FailureNotifier"]),
+    ],
+)  # fmt: skip
+def test_the_dag_wires_notifiers_and_deadline_from_the_config(
+    tmp_path: Path, alerts_section: dict[str, Any], deadline: list[Any], callbacks: list[str]
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(yaml.safe_dump({"alerts": alerts_section}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW", "PIPELINE_"))}
+    env |= {"AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "PIPELINE_CONFIG": str(config), "PIPELINE_HOME": str(tmp_path / "home")}  # fmt: skip
+    repo = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", DAG_PROBE], cwd=repo, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    wired = json.loads(out.stdout.strip().splitlines()[-1])
+    assert wired["deadline"] == deadline
+    assert len(wired["callbacks"]) >= 10 and all(c == callbacks for c in wired["callbacks"].values())
