@@ -22,7 +22,8 @@ def register(subparsers: Any) -> None:
     )
     demo.add_argument(
         "--data",
-        help="click-log root (local folder or s3:// prefix) with one dt=YYYY-MM-DD/ folder per day; default: generate",
+        help="click-log root (local folder or s3:// prefix) with one dt=YYYY-MM-DD/ folder per day, or a click-log "
+        "file in any supported format (split into daily Parquet partitions first); default: generate",
     )
     demo.add_argument("--days", type=_positive, default=5, help="days of click logs to generate (default: 5)")
     demo.add_argument(
@@ -35,6 +36,12 @@ def register(subparsers: Any) -> None:
     demo.add_argument("--epochs", type=_positive, default=3, help="training epochs per trial (default: 3)")
     demo.add_argument("--seed", type=int, default=7, help="random seed of the generated data (default: 7)")
     demo.add_argument(
+        "--train-days",
+        type=_window,
+        help="days of data the first run trains on, ending at its date (valid/test days included; "
+        "default: every day of the data up to it). A long log is quicker to try with a few weeks.",
+    )
+    demo.add_argument(
         "--end-date",
         type=dt.date.fromisoformat,
         help="last generated day, YYYY-MM-DD (default: yesterday, UTC)",
@@ -46,6 +53,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def _window(text: str) -> int:
+    value = int(text)
+    if value < 3:
+        raise argparse.ArgumentTypeError(f"expected at least 3 days (training, validation, test), got {text}")
     return value
 
 
@@ -62,5 +76,6 @@ def _demo(args: argparse.Namespace) -> int:
             seed=args.seed,
             epochs=args.epochs,
             end_date=args.end_date,
+            train_days=args.train_days,
         )
     )

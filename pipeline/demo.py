@@ -4,7 +4,8 @@ What it does, all under ``$PIPELINE_HOME`` (default ``./.local``):
 
 1. click logs: generates a few days of realistic click logs (``data/clicks/dt=YYYY-MM-DD/``) or uses
    ``--data``: a local folder or ``s3://`` prefix of ``dt=YYYY-MM-DD/`` partitions, used in place, or
-   any click log ``pipeline.ingest`` reads (e.g. a GRU4Rec TSV), split into daily partitions first;
+   any click log ``pipeline.ingest`` reads (e.g. a GRU4Rec TSV), split into daily Parquet partitions first
+   (their metadata keeps what the source format implies, see :func:`import_by_day`);
 2. Airflow on SQLite (``airflow/``, the ``gpu`` pool created) and MLflow on SQLite (``mlflow.db``);
 3. runs the real DAG (``dags/gru4rec_daily.py``) with ``dag.test()`` for the last ``--runs`` days, one
    logical date after the other: the first run promotes a champion, the next ones compete with it;
@@ -242,6 +243,7 @@ class DemoOptions:
     seed: int = 7
     epochs: int = 3
     end_date: dt.date | None = None  # last generated day; None = yesterday (UTC)
+    train_days: int | None = None  # days in the first run's training window; None = every day before it
 
 
 def demo_config(
@@ -313,9 +315,34 @@ def partition_days(data_uri: str) -> list[dt.date]:
     return sorted(days)
 
 
+IMPORT_VERSION = 2  # bumped when the import writes something new: older imports are redone
+
+
+def read_source(source: str) -> tuple[Any, str, bool]:
+    """``(canonical events, format name, ordered)`` of a click log: what ``pipeline.ingest`` reads, plus
+    what its format implies (one name per distinct format, joined by "+"; ordered only if every file is)."""
+    import pyarrow as pa
+
+    from pipeline import ingest
+    from pipeline.config import IngestConfig
+    from pipeline.schema import EVENT_SCHEMA
+
+    files, _ = ingest.list_inputs([source])
+    reads = [ingest.read_file(uri, strict=True) for uri in files]
+    table = pa.concat_tables([r.table for r in reads]) if reads else EVENT_SCHEMA.empty_table()
+    if any(r.needs_sessions for r in reads):  # user-only log: sessions over everything read
+        table = ingest.sessionize(ingest.decode_ids(table), IngestConfig().session_gap_minutes)
+    return table, "+".join(sorted({r.format for r in reads})), all(r.ordered for r in reads)
+
+
 def import_by_day(source: str, out_dir: Path, say: Callable[[str], None]) -> str:
     """Split a click log that is not partitioned by day (e.g. one GRU4Rec TSV) into ``dt=YYYY-MM-DD/``
-    Parquet partitions of canonical events (UTC days), which is what the DAG reads."""
+    Parquet partitions of canonical events (UTC days), which is what the DAG reads.
+
+    What the source format implies travels in each file's Parquet metadata (``pipeline.format``,
+    ``pipeline.ordered``): validation then applies the session-order rule only where the source's rows
+    are time-ordered within a session (not Diginetica's), as it does on the source itself.
+    """
     import json
     import shutil
 
@@ -325,11 +352,19 @@ def import_by_day(source: str, out_dir: Path, say: Callable[[str], None]) -> str
     from pipeline import ingest, storage
 
     marker = out_dir / "_imported.json"
-    if marker.exists() and json.loads(marker.read_text()).get("source") == storage.normalize(source):
+    wanted = {"source": storage.normalize(source), "version": IMPORT_VERSION}
+    if marker.exists() and {k: json.loads(marker.read_text()).get(k) for k in wanted} == wanted:
         say(f"  reusing {out_dir} (daily partitions of {source})")
         return str(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
-    events = ingest.read_events([source])
+    events, fmt, ordered = read_source(source)
+    events = events.replace_schema_metadata(
+        {
+            **(events.schema.metadata or {}),
+            ingest.FORMAT_KEY: fmt.encode(),
+            ingest.ORDERED_KEY: str(ordered).lower().encode(),
+        }
+    )
     days = pc.strftime(events.column("timestamp"), format="%Y-%m-%d")
     counts = {}
     for day in sorted(d for d in pc.unique(days).to_pylist() if d is not None):
@@ -339,9 +374,11 @@ def import_by_day(source: str, out_dir: Path, say: Callable[[str], None]) -> str
         counts[day] = part.num_rows
     undated = events.num_rows - sum(counts.values())
     marker.write_text(
-        json.dumps({"source": storage.normalize(source), "rows": counts, "undated": undated}, indent=2)
+        json.dumps(
+            {**wanted, "format": fmt, "ordered": ordered, "rows": counts, "undated": undated}, indent=2
+        )
     )
-    say(f"  split {source} into {len(counts)} daily partitions under {out_dir}")
+    say(f"  split {source} ({fmt} format) into {len(counts)} daily partitions under {out_dir}")
     if undated:
         say(f"  {undated} events have no timestamp and belong to no day: left out (see {marker})")
     return str(out_dir)
@@ -375,7 +412,9 @@ def run_demo(opts: DemoOptions) -> int:
                 f"(training, validation and test days before the first of {opts.runs} runs)"
             )
         run_days = days[-opts.runs :]
-        train_days = (run_days[0] - days[0]).days + 1  # the first run trains on every day up to it
+        train_days = (run_days[0] - days[0]).days + 1  # the first run trains on every day up to it...
+        if opts.train_days:  # ...or on fewer: each day of the window is one validation task
+            train_days = min(train_days, opts.train_days)
         say(f"  data: {data_uri} ({len(days)} days: {days[0]} .. {days[-1]})")
 
         say("[2/4] embedded Airflow (SQLite) and MLflow (SQLite)")
