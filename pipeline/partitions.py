@@ -56,7 +56,7 @@ class PartitionCheck:
 
     date: str
     uri: str
-    has_data: bool  # at least one data file (hidden and ``_`` names are not data)
+    has_data: bool  # at least one file ingest reads (not hidden, ``_`` or non-data names such as README.txt)
     marker: str  # "" = none required
     has_marker: bool
 
@@ -77,10 +77,10 @@ class PartitionCheck:
 
 def check_partition(day: str, uri: str, marker: str = "") -> PartitionCheck:
     """Look once at one partition (a missing folder or prefix is simply not ready)."""
-    from pipeline import storage
+    from pipeline import ingest, storage
 
     try:
-        has_data = bool(storage.list_files(uri))
+        has_data = bool(storage.list_files(uri, accept=ingest.is_data_file))
     except InputError:  # not found
         has_data = False
     has_marker = bool(marker) and storage.exists(storage.join(uri, marker))

@@ -34,7 +34,8 @@ def test_ready_needs_a_data_file_and_the_marker_when_one_is_configured(tmp_path:
     part = tmp_path / "dt=2026-03-03"
     assert partitions.check_partition("2026-03-03", str(part)).missing() == f"{part} does not exist"
     part.mkdir()
-    _write(part / ".events.parquet.tmp-1")  # a writer's temporary file is not data
+    _write(part / ".events.parquet.tmp-1")  # a writer's temporary file is not data...
+    _write(part / "README.txt")  # ...nor is a note beside the data
     check = partitions.check_partition("2026-03-03", str(part))
     assert not check.ready and check.missing() == f"{part} holds no data file"
     _write(part / "events.parquet")
