@@ -1,4 +1,5 @@
-"""MLflow sub-commands: ``track`` (train a candidate and log it) and ``promote`` (decide, or ``--rollback``).
+"""MLflow sub-commands: ``track`` (train a candidate and log it), ``promote`` (decide, or an operator lever:
+``--history``, ``--to-version``, ``--rollback``, ``--pin`` / ``--unpin``) and ``models`` (registered versions).
 
 Only argparse is imported here; each handler imports MLflow, torch and the pipeline modules when it runs.
 """
@@ -20,7 +21,9 @@ def register(subparsers: Any) -> None:
     )
     track.add_argument("--dataset", required=True, help="session dataset directory or s3:// prefix")
     _config_args(track)
-    track.add_argument("--run-key", help="idempotency key, e.g. 2024-05-01/trial-0: a finished run with it is reused")
+    track.add_argument(
+        "--run-key", help="idempotency key, e.g. 2024-05-01/trial-0: a finished run with it is reused"
+    )
     track.add_argument("--parent-run-id", help="nest the run under this MLflow run (one parent per DAG run)")
     track.add_argument("--run-name", help="MLflow run name")
     track.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
@@ -29,18 +32,50 @@ def register(subparsers: Any) -> None:
 
     promote = subparsers.add_parser(
         "promote",
-        help="compare candidates with @champion in the MLflow registry and move the alias when one is better",
-        description="Register the best candidate that passes the guards and promote it to @champion when it beats the "
-        "current champion on the candidate's test split by the configured margin with significance (paired "
-        "bootstrap); otherwise tag it @challenger. Candidates: --run-id (repeatable), the training runs under "
-        "--parent-run-id, or else the newest finished training run. Prints the decision as JSON.",
+        help="compare candidates with @champion in the MLflow registry and move the alias when one is better; "
+        "or an operator lever (history, move, rollback, pin)",
+        description="Without a lever: select the best trial on validation among the candidates that pass the guards, "
+        "and promote it to @champion when it beats the current champion on its test split by the configured "
+        "margin with significance (paired bootstrap; without a validation split Holm-corrected over the trials); "
+        "otherwise tag it @challenger. Candidates: --run-id (repeatable), the training runs under --parent-run-id, "
+        "or else the newest finished training run. Prints the decision as JSON. Levers (--history, --to-version, "
+        "--rollback, --pin, --unpin) are recorded with who ($PIPELINE_ACTOR or user@host) and why (--reason).",
     )
     promote.add_argument("--run-id", action="append", default=[], help="candidate training run (repeatable)")
     promote.add_argument("--parent-run-id", help="candidates = finished training runs nested under this run")
-    promote.add_argument("--rollback", action="store_true", help="return @champion to the previous champion instead")
-    promote.add_argument("--device", default="auto", help="device for re-evaluating the champion (default: auto)")
+    levers = promote.add_mutually_exclusive_group()
+    levers.add_argument("--history", action="store_true", help="list every recorded decision, newest first")
+    levers.add_argument(
+        "--to-version", metavar="N", help="move @champion to version N (roll back or forward; needs --reason)"
+    )
+    levers.add_argument("--rollback", action="store_true", help="return @champion to the previous champion")
+    levers.add_argument(
+        "--pin",
+        action="store_true",
+        help="freeze @champion: decisions are recorded, the alias never moves (needs --reason)",
+    )
+    levers.add_argument("--unpin", action="store_true", help="let decisions move @champion again")
+    promote.add_argument(
+        "--reason", default="", help="why (recorded with the lever; required by --to-version and --pin)"
+    )
+    promote.add_argument("--json", action="store_true", help="--history: print JSON instead of text")
+    promote.add_argument("--limit", type=int, default=20, help="--history: how many decisions (default 20)")
+    promote.add_argument(
+        "--device", default="auto", help="device for re-evaluating the champion (default: auto)"
+    )
     _config_args(promote)
     promote.set_defaults(handler=_promote)
+
+    models = subparsers.add_parser(
+        "models",
+        help="list the registered model's versions: aliases, training window, metrics vs S-POP, origin",
+        description="Every version of the registered model (tracking.registered_model), newest first: its aliases, "
+        "the time range it trained on, its headline metric vs S-POP and POP, the decision that registered it "
+        "and the last operator action that moved @champion to it; and whether @champion is pinned.",
+    )
+    models.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _config_args(models)
+    models.set_defaults(handler=_models)
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -79,14 +114,47 @@ def _promote(args: argparse.Namespace) -> int:
     from pipeline.errors import ConfigError
 
     cfg = load_config(args.config, args.overrides)
-    if args.rollback:
-        if args.run_id or args.parent_run_id:
-            raise ConfigError("--rollback takes no --run-id / --parent-run-id")
-        decision = registry.rollback(cfg)
+    lever = next(
+        (flag for flag in ("history", "to_version", "rollback", "pin", "unpin") if getattr(args, flag)), None
+    )
+    if lever is not None and (args.run_id or args.parent_run_id):
+        raise ConfigError(f"--{lever.replace('_', '-')} takes no --run-id / --parent-run-id")
+    if lever != "history" and (args.json or args.limit != 20):
+        raise ConfigError("--json and --limit go with --history (decisions always print as JSON)")
+    if lever == "history":
+        from pipeline import registry_views
+
+        entries = registry_views.history(cfg, args.limit)
+        if args.json:
+            json.dump([e.to_dict() for e in entries], sys.stdout, indent=2, default=str)
+            sys.stdout.write("\n")
+        else:
+            print(registry_views.format_history(entries))
+        return 0
+    if lever == "to_version":
+        decision = registry.move_champion(cfg, args.to_version, args.reason)
+    elif lever == "rollback":
+        decision = registry.rollback(cfg, reason=args.reason)
+    elif lever == "pin":
+        decision = registry.pin(cfg, args.reason)
+    elif lever == "unpin":
+        decision = registry.unpin(cfg, args.reason)
     else:
         run_ids = args.run_id or registry.candidate_runs(cfg, args.parent_run_id)
         decision = registry.promote(cfg, run_ids, parent_run_id=args.parent_run_id, device=args.device)
     _print(decision.to_dict())
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from pipeline import registry_views
+    from pipeline.config import load_config
+
+    view = registry_views.models(load_config(args.config, args.overrides))
+    if args.json:
+        _print(view.to_dict())
+    else:
+        print(registry_views.format_models(view))
     return 0
 
 

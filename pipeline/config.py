@@ -128,6 +128,9 @@ class TrackingConfig:
     primary_metric: str = "mrr_at_20"  # mrr_at_K or recall_at_K ("mrr@20" is accepted too)
     promotion_margin: float = 0.0  # candidate must beat the champion by at least this (absolute)
     significance: float = 0.05  # paired bootstrap p-value threshold
+    # Without a validation split trials can only be told apart on test: "holm" tests every trial against
+    # the champion with Holm-corrected p-values, "refuse" refuses decisions among several trials.
+    no_valid_split: str = "holm"
     bootstrap_samples: int = 2000
     bootstrap_seed: int = 0
     require_validation: bool = True  # refuse candidates whose training data has no passing GX report

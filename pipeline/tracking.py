@@ -489,6 +489,7 @@ def _train(
     """Train with per-epoch step metrics; returns the per-epoch history (for the curves plot)."""
     import mlflow
 
+    from pipeline.decision import parse_metric
     from pipeline.evaluate import log_from_table
     from pipeline.train import train
 
@@ -504,7 +505,11 @@ def _train(
     train_log = log_from_table(splits["train"], f"{base}/train", catalogue, split="train")
     valid = splits["valid"]
     valid_log = log_from_table(valid, f"{base}/valid", split="valid") if valid.num_rows else None
-    result = train(train_log, cfg.gru4rec, out_dir, valid=valid_log, device=device, on_epoch_end=on_epoch_end)
+    # The primary metric on valid (valid_mrr_at_20 ...) is what promotion selects trials on.
+    valid_cutoffs = tuple(sorted({5, 20, parse_metric(cfg.tracking.primary_metric).cutoff}))
+    result = train(
+        train_log, cfg.gru4rec, out_dir, valid=valid_log, device=device, on_epoch_end=on_epoch_end, valid_cutoffs=valid_cutoffs
+    )
     mlflow.log_metrics(throughput_metrics(result.metrics))
     mlflow.set_tag("train.device", str(result.metrics.get("device", device)))
     return history
@@ -548,8 +553,8 @@ def _evaluate(
     import numpy as np
 
     from pipeline import plots
+    from pipeline.decision import parse_metric
     from pipeline.evaluate import evaluate_model
-    from pipeline.registry import parse_metric
 
     cutoffs = tuple(sorted({*cfg.eval.cutoffs, parse_metric(cfg.tracking.primary_metric).cutoff}))
     result = evaluate_model(out_dir, test, cutoffs=cutoffs, ties=cfg.eval.ties, device=device)

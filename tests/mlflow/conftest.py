@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from mlflow_testkit import VENV_BIN, background, free_port, tool_env, wait_http
 
+from pipeline.config import BuildConfig
 from pipeline.localstack import scratch_database
 
 
@@ -100,7 +101,9 @@ def against_server(server: MlflowServer, home: Path) -> Iterator[MlflowServer]:
 
 
 @pytest.fixture(scope="module")
-def server_store(mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+def server_store(
+    mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MlflowServer]:
     """This module's tests talk to the real server (PostgreSQL + S3 artifacts)."""
     with against_server(mlflow_server, tmp_path_factory.mktemp("mlflow-client-home")) as server:
         yield server
@@ -117,6 +120,7 @@ def module_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 # Session datasets, built by the real data layer (generate -> validate -> build)
 
 SMALL = {"days": 4, "sessions_per_day": 300, "n_items": 300}  # ~2.9k training events, ~1.2k test predictions
+DAILY = {"sessions_per_day": 300, "n_items": 300}
 
 
 @dataclass(frozen=True)
@@ -125,6 +129,7 @@ class Datasets:
     b: str  # validated, another catalogue: a different item space
     raw: str  # built straight from raw logs: no validation report
     failed: str  # validated, then re-validated with corrupted data: its report now fails
+    novalid: str  # dataset a's validated clicks built without a validation split (build.valid_days=0)
 
 
 @pytest.fixture(scope="session")
@@ -140,17 +145,53 @@ def mlflow_datasets(tmp_path_factory: pytest.TempPathFactory) -> Datasets:
         return out
 
     def validated(name: str, seed: int, n_items: int) -> str:
-        parts = generate.generate_clicks(str(root / f"raw-{name}"), seed=seed, **(SMALL | {"n_items": n_items}))
+        parts = generate.generate_clicks(
+            str(root / f"raw-{name}"), seed=seed, **(SMALL | {"n_items": n_items})
+        )
         folder = str(root / f"validated-{name}")
         assert validate.validate(parts, folder)["success"]
         return folder
 
-    a = build("a", [validated("a", 0, 300)])
+    folder_a = validated("a", 0, 300)
+    a = build("a", [folder_a])
+    novalid = str(root / "dataset-novalid")
+    sessions.build_dataset([folder_a], novalid, build=BuildConfig(valid_days=0))
     b = build("b", [validated("b", 1, 240)])
     raw = build("raw", generate.generate_clicks(str(root / "raw-raw"), seed=2, **SMALL))
     folder = validated("failed", 3, 300)
     failed = build("failed", [folder])
-    corrupted = generate.generate_clicks(str(root / "raw-corrupted"), seed=3, corruption={"null_item_id": 0.05}, **SMALL)
+    corrupted = generate.generate_clicks(
+        str(root / "raw-corrupted"), seed=3, corruption={"null_item_id": 0.05}, **SMALL
+    )
     with pytest.raises(ValidationFailed):
         validate.validate(corrupted, folder)  # re-validated in place: the dataset's report now fails
-    return Datasets(a=a, b=b, raw=raw, failed=failed)
+    return Datasets(a=a, b=b, raw=raw, failed=failed, novalid=novalid)
+
+
+@dataclass(frozen=True)
+class DailyDatasets:
+    """Session datasets as the DAG builds them for consecutive run dates (a rolling 4-day window)."""
+
+    by_date: dict[str, str]  # run date -> dataset of the 4 days ending that date (train 2, valid 1, test 1)
+
+
+@pytest.fixture(scope="session")
+def daily_datasets(tmp_path_factory: pytest.TempPathFactory) -> DailyDatasets:
+    """Seven days of clicks, each day validated on its own; a dataset per run date from the 4th day on."""
+    import datetime as dt
+
+    from pipeline import generate, sessions, validate
+
+    root = tmp_path_factory.mktemp("mlflow-daily")
+    parts = generate.generate_clicks(str(root / "raw"), days=7, start_date="2024-03-01", seed=11, **DAILY)
+    validated = []
+    for part in parts:
+        folder = str(root / "validated" / Path(part).name)
+        assert validate.validate([part], folder)["success"]
+        validated.append(folder)
+    by_date = {}
+    for last in range(3, len(validated)):
+        day = (dt.date(2024, 3, 1) + dt.timedelta(days=last)).isoformat()
+        by_date[day] = str(root / "datasets" / f"dt={day}")
+        sessions.build_dataset(validated[last - 3 : last + 1], by_date[day])
+    return DailyDatasets(by_date)

@@ -22,7 +22,9 @@ def server_runs(server_store, mlflow_datasets) -> SimpleNamespace:
 
     return SimpleNamespace(
         server=server_store,
-        weak=track("gru4rec.n_epochs=1", "tracking.system_metrics=true", "tracking.system_metrics_interval_s=0.2"),
+        weak=track(
+            "gru4rec.n_epochs=1", "tracking.system_metrics=true", "tracking.system_metrics_interval_s=0.2"
+        ),
         medium=track("gru4rec.n_epochs=2"),
         strong=track("gru4rec.n_epochs=3"),
     )
@@ -51,13 +53,19 @@ def test_runs_go_to_postgresql_and_artifacts_to_s3(server_runs: SimpleNamespace,
     keys = set()
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
         keys |= {obj["Key"] for obj in page.get("Contents", [])}
-    run_files = {k.split(f"/{server_runs.weak}/artifacts/", 1)[1] for k in keys if f"/{server_runs.weak}/artifacts/" in k}
+    run_files = {
+        k.split(f"/{server_runs.weak}/artifacts/", 1)[1]
+        for k in keys
+        if f"/{server_runs.weak}/artifacts/" in k
+    }
     assert {"plots/recall_mrr_at_k.png", "item_map/items.parquet", "validation/report.json"} <= run_files
     model_id = run.data.tags["pipeline.model_uri"].split("/")[-1]
     assert any(k.endswith(f"{model_id}/artifacts/artifacts/model/checkpoint.pt") for k in keys)
 
 
-def test_promotion_race_rollback_and_scoring_through_the_server(server_runs: SimpleNamespace, mlflow_datasets) -> None:
+def test_promotion_race_rollback_and_scoring_through_the_server(
+    server_runs: SimpleNamespace, mlflow_datasets
+) -> None:
     import mlflow
 
     from pipeline.sessions import read_split
@@ -83,3 +91,35 @@ def test_promotion_race_rollback_and_scoring_through_the_server(server_runs: Sim
     session = list(test[test["session_id"] == test["session_id"].iloc[0]]["item_id"])
     out = model.predict(pd.DataFrame({"item_ids": [session]}), params={"k": 3})
     assert len(out["items"][0]) == 3 and list(out["unknown_items"][0]) == []
+
+
+def test_levers_history_and_models_through_the_server(server_runs: SimpleNamespace) -> None:
+    """Pin, a pinned decision, unpin, a move and the views, against PostgreSQL through the server."""
+    from pipeline import registry_views
+
+    cfg = quick_config(f"tracking.registered_model=levers-{uuid.uuid4().hex[:6]}")
+    first = registry.promote(cfg, [server_runs.weak], actor="dave")
+    assert registry.pin(cfg, "release freeze", actor="dave").action == "pin"
+    pinned = registry.promote(cfg, [server_runs.strong], actor="airflow test")
+    assert pinned.action == "pinned" and pinned.rules_action == "promoted" and pinned.test is not None
+    assert registry.unpin(cfg, "freeze over", actor="dave").action == "unpin"
+    assert registry.promote(cfg, [server_runs.strong], actor="airflow test").action == "promoted"
+    moved = registry.move_champion(cfg, first.candidate_version, "back to the first model", actor="erin")
+    assert moved.action == "moved"
+
+    entries = registry_views.history(cfg)
+    assert [(e.action, e.actor) for e in entries] == [
+        ("moved", "erin"),
+        ("promoted", "airflow test"),
+        ("unpin", "dave"),
+        ("pinned", "airflow test"),
+        ("pin", "dave"),
+        ("promoted", "dave"),
+    ]
+    assert entries[1].selected_on == "valid" and entries[1].p_value is not None
+    view = registry_views.models(cfg)
+    by_version = {v.version: v for v in view.versions}
+    assert by_version[first.candidate_version].aliases == ["champion"]
+    assert by_version[first.candidate_version].operator_actor == "erin"
+    assert by_version[pinned.candidate_version].training_window is not None
+    assert view.pinned is None
