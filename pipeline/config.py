@@ -166,14 +166,14 @@ class AirflowConfig:
     # list of mappings (one per trial). Applied on top of the gru4rec section.
     grid: Any = field(default_factory=_default_grid)
     api_conn_id: str = "airflow_api"  # Airflow connection to the REST API, used to set the DAG run note
-
-
-@dataclass(frozen=True)
     # Late data: the run's sensor waits for its day's partition (reschedule mode: no worker slot is held
     # between looks), then fails with "no partition dt=X after N h".
     partition_poke_minutes: float = 5.0  # how often the sensor looks for the partition
     partition_timeout_hours: float = 6.0  # how long it waits before failing the run
     partition_marker: str = ""  # completion marker that must be in the partition (e.g. "_SUCCESS"); "" = none
+
+
+@dataclass(frozen=True)
 class AlertsConfig:
     """Who is told, and when (pipeline/alerts.py). No channel is configured by default: nothing is sent.
 
