@@ -248,6 +248,7 @@ class _Scan:
     starts: np.ndarray  # per global session: first event time (us)
     lengths: np.ndarray  # per global session: events
     supports: np.ndarray  # per global item: events
+    parts: np.ndarray  # per global session: how many input parts (files) hold its events
 
 
 def _check_events(table: pa.Table, where: str) -> None:
@@ -290,11 +291,13 @@ def _scan(parts: Iterable[tuple[str, pa.Table]], store: ArrayStore) -> _Scan:
     starts = np.full(len(s_dict), MAX_I64, dtype=np.int64)
     lengths = np.zeros(len(s_dict), dtype=np.int64)
     supports = np.zeros(len(i_dict), dtype=np.int64)
+    parts = np.zeros(len(s_dict), dtype=np.int32)
     for (start, length, support), s_lut, i_lut in zip(local_stats, s_luts, i_luts, strict=True):
         np.minimum.at(starts, s_lut, start)
         np.add.at(lengths, s_lut, length)
         np.add.at(supports, i_lut, support)
-    return _Scan(rows, s_dict, i_dict, s_luts, i_luts, starts, lengths, supports)
+        parts[s_lut] += 1  # a part's local codes are distinct
+    return _Scan(rows, s_dict, i_dict, s_luts, i_luts, starts, lengths, supports, parts)
 
 
 def _bucket_of(bounds: np.ndarray) -> np.ndarray:
@@ -366,6 +369,7 @@ class _Build:
         rank_of_code = np.full(len(scan.s_dict), -1, dtype=np.int32)
         rank_of_code[self.code_of_rank] = np.arange(len(present), dtype=np.int32)
         self.lengths = scan.lengths[self.code_of_rank]
+        self.multi_part = scan.parts[self.code_of_rank] > 1
         self.supports = scan.supports.copy()
         self.n_sessions, self.n_items = len(present), len(scan.i_dict)
         self.stats: dict[str, Any] = {
@@ -465,8 +469,11 @@ class _Build:
         """Per row (input order), a bit per broken rule of :data:`SESSION_RULES`."""
         why = np.zeros(len(r), dtype=np.int8)
         if self.rules.check_order and not in_time_order:
-            behind = seconds_before_session_max(r, t, np.ones(len(r), dtype=bool))
-            why |= (behind > 0).astype(np.int8)
+            # Rules come with validated inputs, whose files were each checked for order: only a session in
+            # several files can be out of order as a whole (its rows are taken in input order).
+            rows = np.flatnonzero(self.multi_part[r])
+            behind = seconds_before_session_max(r[rows], t[rows], np.ones(len(rows), dtype=bool))
+            why[rows] |= (behind > 0).astype(np.int8)
         if too_long is not None:
             why |= too_long[r].astype(np.int8) << 1
         return why
