@@ -548,6 +548,7 @@ def prepare_trials(run: Mapping[str, Any], dataset: Mapping[str, Any]) -> list[d
             "data.fingerprint": dataset["fingerprint"],
             "pipeline.date": run["date"],
         },
+        dataset_uri=dataset["uri"],  # the day's validation reports and Data Docs, once for all trials
     )
     fingerprint = dataset["fingerprint"][:12] or "nofp"
     return [

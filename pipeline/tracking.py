@@ -52,6 +52,12 @@ TAG_MODEL_URI = "pipeline.model_uri"  # the run's logged pyfunc model (models:/m
 TAG_DATA_URI = "data.uri"
 TAG_FINGERPRINT = "data.fingerprint"
 TAG_VALIDATION = "data.validation"  # passed | failed | missing
+# Where the validation reports and Data Docs of a run's data are: ``runs:/<parent>/validation`` for a trial (logged
+# once per DAG run on its parent run), the run's own ``validation/`` otherwise.
+TAG_VALIDATION_ARTIFACTS = "data.validation.artifacts"
+TAG_VALIDATION_LOGGED = "pipeline.validation_logged"  # on a run holding them: the dataset fingerprint they are of
+# MLflow's UI opens an experiment of this kind on its runs (not on the GenAI trace overview).
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 TAG_ITEM_SPACE = "model.item_space"  # fingerprint of the item index the model scores
 RANKS_ARTIFACT = "evaluation/ranks.npz"  # per-prediction ranks on the test split (paired promotion test)
 AIRFLOW_TAGS = {
@@ -100,7 +106,9 @@ def configure(tcfg: TrackingConfig) -> str:
     if exp is None:
         try:
             return client.create_experiment(
-                tcfg.experiment, artifact_location=default_artifact_location(uri, tcfg.experiment)
+                tcfg.experiment,
+                artifact_location=default_artifact_location(uri, tcfg.experiment),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
             )
         except MlflowException as exc:  # created by a concurrent task in between
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -112,6 +120,8 @@ def configure(tcfg: TrackingConfig) -> str:
             f"MLflow experiment {tcfg.experiment!r} is deleted in {uri}: restore it "
             f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or set tracking.experiment"
         )
+    if exp.tags.get(EXPERIMENT_KIND_TAG) is None:  # made by an earlier version: the UI would guess its kind
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return exp.experiment_id
 
 
@@ -200,22 +210,63 @@ def find_run(
 # Parent runs (one per DAG run)
 
 
-def start_parent_run(cfg: PipelineConfig, run_key: str, *, run_name: str | None = None, tags: Mapping[str, str] | None = None) -> str:
-    """Create (or find again, for a retried task) the parent run that groups one DAG run's trials."""
+def start_parent_run(
+    cfg: PipelineConfig,
+    run_key: str,
+    *,
+    run_name: str | None = None,
+    tags: Mapping[str, str] | None = None,
+    dataset_uri: str | None = None,
+) -> str:
+    """Create (or find again, for a retried task) the parent run that groups one DAG run's trials; with
+    ``dataset_uri``, the validation reports and Data Docs of its data are logged on it (once)."""
     import mlflow
 
     experiment_id = configure(cfg.tracking)
     client = mlflow.MlflowClient()
     existing = find_run(client, experiment_id, run_key, kind="parent", finished_only=False)
     if existing is not None:
-        return existing.info.run_id
-    run = client.create_run(
-        experiment_id,
-        run_name=run_name or f"pipeline-{run_key}",
-        tags={TAG_KIND: "parent", TAG_RUN_KEY: run_key, **environment_tags(), **(tags or {})},
-    )
-    client.log_dict(run.info.run_id, to_dict(cfg), "config.json")
-    return run.info.run_id
+        run_id = existing.info.run_id
+    else:
+        run = client.create_run(
+            experiment_id,
+            run_name=run_name or f"pipeline-{run_key}",
+            tags={TAG_KIND: "parent", TAG_RUN_KEY: run_key, **environment_tags(), **(tags or {})},
+        )
+        run_id = run.info.run_id
+        client.log_dict(run_id, to_dict(cfg), "config.json")
+    if dataset_uri is not None:
+        from pipeline import sessions
+
+        log_validation(client, run_id, sessions.read_manifest(dataset_uri))
+    return run_id
+
+
+def log_validation(client: Any, run_id: str, manifest: Mapping[str, Any]) -> str:
+    """Log the GX reports and Data Docs of the dataset's validated inputs on ``run_id`` unless it already holds
+    those of this dataset (a DAG run's trials share them: ~17 MB a copy); tags the outcome. Returns it."""
+    from pipeline import storage
+
+    outcome, reports = _validation_reports(manifest)
+    fingerprint = str(manifest.get("fingerprint", ""))
+    run = client.get_run(run_id)
+    if run.data.tags.get(TAG_VALIDATION_LOGGED) == fingerprint:
+        return outcome
+    with tempfile.TemporaryDirectory(prefix="validation-") as tmp:
+        for i, (report_uri, docs_uri) in enumerate(reports):
+            # One folder per validated partition (e.g. validation/dt=2024-05-01) when there are several.
+            label = re.sub(r"[^A-Za-z0-9=._-]+", "_", storage.basename(storage.parent(report_uri))) or str(i)
+            dest = f"validation/{label}" if len(reports) > 1 else "validation"
+            local = Path(tmp) / f"{i}-{label}"
+            local.mkdir(parents=True, exist_ok=True)
+            (local / "report.json").write_bytes(storage.read_bytes(report_uri))
+            client.log_artifact(run_id, str(local / "report.json"), dest)
+            if docs_uri and storage.exists(docs_uri):
+                _fetch_dir(docs_uri, local / "data_docs")
+                client.log_artifacts(run_id, str(local / "data_docs"), f"{dest}/data_docs")
+    client.set_tag(run_id, TAG_VALIDATION, outcome)
+    client.set_tag(run_id, TAG_VALIDATION_LOGGED, fingerprint)
+    return outcome
 
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
@@ -313,7 +364,7 @@ def track_training(
             _log_config(cfg, manifest)
             splits = {name: sessions.read_split(dataset_uri, name) for name in ("train", "valid", "test")}
             _log_inputs(splits, dataset_uri, fingerprint)
-            item_map = _log_data_artifacts(dataset_uri, manifest, Path(tmp))
+            item_map = _log_data_artifacts(dataset_uri, manifest, Path(tmp), run_id, parent_run_id)
             history = _train(splits, _catalogue(item_map), dataset_uri, cfg, out_dir, device)
             _evaluate(out_dir, splits["test"], cfg, device, Path(tmp), history)
             model_uri = _log_model(out_dir, item_map, Path(tmp))
@@ -389,15 +440,17 @@ def _log_inputs(splits: Mapping[str, Any], dataset_uri: str, fingerprint: str) -
             mlflow.log_input(dataset, context=contexts[split])
 
 
-def _log_data_artifacts(dataset_uri: str, manifest: Mapping[str, Any], tmp: Path) -> Path:
-    """Log the item map and the GX report + Data Docs of the training data; tag the validation outcome.
+def _log_data_artifacts(
+    dataset_uri: str, manifest: Mapping[str, Any], tmp: Path, run_id: str, parent_run_id: str | None
+) -> Path:
+    """Log the item map; link the GX reports + Data Docs of the training data (on the parent run when there is
+    one, logged there once for every trial; else on this run) and tag the validation outcome.
 
     Returns the local copy of the item map (it also travels with the pyfunc model).
     """
     import mlflow
     import pyarrow.parquet as pq
 
-    from pipeline import storage
     from pipeline.sessions import read_split
 
     item_map = tmp / "item_map" / "items.parquet"
@@ -405,20 +458,9 @@ def _log_data_artifacts(dataset_uri: str, manifest: Mapping[str, Any], tmp: Path
     pq.write_table(read_split(dataset_uri, "items"), item_map)
     mlflow.log_artifact(str(item_map), "item_map")
     mlflow.set_tag(TAG_ITEM_SPACE, item_space(item_map))
-
-    outcome, reports = _validation_reports(manifest)
-    mlflow.set_tag(TAG_VALIDATION, outcome)
-    for i, (report_uri, docs_uri) in enumerate(reports):
-        # One folder per validated partition (e.g. validation/dt=2024-05-01) when there are several.
-        label = re.sub(r"[^A-Za-z0-9=._-]+", "_", storage.basename(storage.parent(report_uri))) or str(i)
-        dest = f"validation/{label}" if len(reports) > 1 else "validation"
-        local = tmp / "validation" / f"{i}-{label}"
-        local.mkdir(parents=True, exist_ok=True)
-        (local / "report.json").write_bytes(storage.read_bytes(report_uri))
-        mlflow.log_artifact(str(local / "report.json"), dest)
-        if docs_uri and storage.exists(docs_uri):
-            _fetch_dir(docs_uri, local / "data_docs")
-            mlflow.log_artifacts(str(local / "data_docs"), f"{dest}/data_docs")
+    holder = parent_run_id or run_id
+    outcome = log_validation(mlflow.MlflowClient(), holder, manifest)
+    mlflow.set_tags({TAG_VALIDATION: outcome, TAG_VALIDATION_ARTIFACTS: f"runs:/{holder}/validation"})
     return item_map
 
 

@@ -45,6 +45,8 @@ def test_embedded_default_is_sqlite_and_local_artifacts(tracked: SimpleNamespace
     assert (home / "mlflow.db").is_file()
     experiment = tracked.client.get_experiment(tracked.run.info.experiment_id)
     assert experiment.name == "gru4rec-pipeline"
+    # A model-training experiment: MLflow's UI opens it on its runs, not on the GenAI trace overview.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     run_dir = home / "mlartifacts" / "gru4rec-pipeline" / tracked.result.run_id / "artifacts"
     assert (run_dir / "plots" / "recall_mrr_at_k.png").is_file()
 
@@ -122,9 +124,16 @@ def test_artifacts_a_person_can_use(tracked: SimpleNamespace) -> None:
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=""))
     items = pq.read_table(local / "item_map" / "items.parquet")
     assert items.equals(read_split(tracked.run.data.tags["data.uri"], "items"))
-    report = json.loads((local / "validation" / "report.json").read_text())
+    # The validation reports and Data Docs are on the DAG run's parent run, once for all its trials.
+    assert not (local / "validation").exists()
+    assert tracked.run.data.tags["data.validation.artifacts"] == f"runs:/{tracked.parent}/validation"
+    on_parent = Path(mlflow.artifacts.download_artifacts(run_id=tracked.parent, artifact_path="validation"))
+    report = json.loads((on_parent / "report.json").read_text())
     assert report["success"] is True
-    assert (local / "validation" / "data_docs" / "index.html").is_file()
+    assert (on_parent / "data_docs" / "index.html").is_file()
+    parent_tags = tracked.client.get_run(tracked.parent).data.tags
+    assert parent_tags["pipeline.validation_logged"] == tracked.run.data.tags["data.fingerprint"]
+    assert parent_tags["data.validation"] == "passed"
     for png in ("plots/training_curves.png", "plots/recall_mrr_at_k.png"):
         assert (local / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     curves = json.loads((local / "evaluation" / "cutoff_curves.json").read_text())
