@@ -65,12 +65,14 @@ def cross_entropy_grouped(
     ``log_weight`` (U,) per distinct row (logQ weights included), ``y_col`` (B,) each row's target column,
     ``target_shift`` (B,) the logQ correction of each target's own column (zeros without logQ).
     """
-    z = scores + log_weight
-    lse = torch.logsumexp(z, dim=1, keepdim=True)
-    target = scores.gather(1, y_col.unsqueeze(1))
-    loss_sum = (lse - target).sum() + target_shift.sum()
-    grad = z.sub_(lse).exp_()  # softmax over the (weighted) columns
-    grad.scatter_add_(1, y_col.unsqueeze(1), torch.full_like(target, -1.0))
+    col = y_col.unsqueeze(1)
+    log_p = torch.log_softmax(scores + log_weight, dim=1)
+    # log p of the target's own column: its row's log probability, less its row's log weight, plus the
+    # column's own correction; summed over rows that is the loss
+    own = log_p.gather(1, col).squeeze(1) - log_weight.index_select(0, y_col)
+    loss_sum = target_shift.sum() - own.sum()
+    grad = log_p.exp_()
+    grad.scatter_add_(1, col, torch.full_like(own, -1.0).unsqueeze(1))
     return loss_sum, grad.mul_(scale)
 
 
@@ -87,33 +89,34 @@ def bpr_max_grouped(
 
     ``log_weight`` (U,) is log #columns per distinct row; a row's negatives are every column but its own
     target, so its target row's weight is one less: ``own_log_weight`` (B,) = log(weight - 1) there.
-    With w the softmax weights of the negatives and sig_u = sigmoid(s_target - s_u):
-    loss = -log(sum_u w_u sig_u) + bpreg * sum_u w_u s_u**2, and
-    d/ds_v = -(w_v (sig_v - R - sig_v (1 - sig_v)) + [v = target] sum_u w_u sig_u (1 - sig_u)) / R
-             + bpreg * w_v (s_v**2 - G + 2 s_v), with R, G the two sums.
+    With w the softmax weights of the negatives, sig_u = sigmoid(s_target - s_u), R = sum_u w_u sig_u and
+    G = sum_u w_u s_u**2: loss = -log(R) + bpreg * G, and
+    d loss / d s_v = w_v ((sig_v**2 - R) / -R + bpreg (s_v**2 + 2 s_v - G)) + [v = target] (sum_u w_u sig_u**2 - R) / R.
+    Written to pass over the (B, U) matrix as few times as possible (~15).
     """
     s = F.elu(scores, alpha=elu_param) if elu_param > 0 else scores
     col = y_col.unsqueeze(1)
-    negatives = log_weight.expand_as(s).scatter(1, col, own_log_weight.unsqueeze(1))
-    w = torch.softmax(s + negatives, dim=1)
     target = s.gather(1, col)
-    sig = torch.sigmoid(target - s)
-    w_sig = w * sig
-    ranking = w_sig.sum(1, keepdim=True)
-    loss = -torch.log(ranking + EPS)
-    # -1/R * dR/ds: the negatives' part, then the target's part added on its own column
-    inv = -1.0 / (ranking + EPS)
-    w_sig_slope = w_sig * (1.0 - sig)
-    grad = (w_sig - w_sig_slope).sub_(w * ranking).mul_(inv)
-    grad.scatter_add_(1, col, w_sig_slope.sum(1, keepdim=True).mul_(inv))
+    z = s + log_weight
+    z.scatter_(1, col, target + own_log_weight.unsqueeze(1))  # the target row without its own column
+    w = torch.softmax(z, dim=1).unsqueeze(1)  # (B, 1, U): row sums below are batched dot products
+    sig = torch.sigmoid_(target - s)
+    ranking = torch.bmm(w, sig.unsqueeze(2)).view(-1, 1) + EPS
+    sig_sq = sig.mul_(sig)
+    inv = -scale / ranking
+    target_grad = (torch.bmm(w, sig_sq.unsqueeze(2)).view(-1, 1) - ranking).mul_(-inv)  # d/dt: (sum w sig^2 - R) / R
+    grad = sig_sq.sub_(ranking).mul_(inv)
+    loss = -torch.log(ranking)
     if bpreg:
         square = s * s
-        reg = (w * square).sum(1, keepdim=True)
+        reg = torch.bmm(w, square.unsqueeze(2)).view(-1, 1)
         loss = loss + bpreg * reg
-        grad.add_(w.mul_(square.sub_(reg).add_(s, alpha=2.0)), alpha=bpreg)
-    if elu_param > 0:  # d elu(x) / dx = 1 for x > 0, elu(x) + alpha otherwise
-        grad.mul_(torch.where(scores > 0, 1.0, s + elu_param))
-    return loss.sum(), grad.mul_(scale)
+        grad.add_(square.add_(s, alpha=2.0).sub_(reg), alpha=bpreg * scale)
+    grad.mul_(w.squeeze(1))
+    grad.scatter_add_(1, col, target_grad)
+    if elu_param > 0:
+        grad = torch.ops.aten.elu_backward(grad, elu_param, 1, 1, True, s)
+    return loss.sum(), grad
 
 
 def compute(name: str, scores: Tensor, *, log_q: Tensor | None, logq: float, bpreg: float, elu_param: float) -> Tensor:

@@ -39,7 +39,7 @@ from pipeline.config import GRU4RecConfig, to_dict
 from pipeline.errors import ConfigError, TrainingError
 from pipeline.evaluate import ClickLog, ItemMap, build_item_map, evaluate, index_sessions, read_log
 from pipeline.model import GRU4Rec
-from pipeline.optim import AdagradM, take_rows
+from pipeline.optim import AdagradM, RowIndex
 from pipeline.predict import CHECKPOINT, build_model, resolve_device
 from pipeline.sampling import PopularitySampler, RowPlan, plan_rows
 
@@ -169,6 +169,8 @@ class _Block:
     target_shift: Tensor
     x_rows: Tensor | None
     x_row_bounds: list[int] | None
+    rows_host: np.ndarray | None  # the row indices on the host too, for CPU tables gathered with NumPy
+    x_rows_host: np.ndarray | None
 
     @classmethod
     def of(cls, plan: RowPlan, first: int, entry0: int, device: torch.device) -> _Block:
@@ -189,18 +191,20 @@ class _Block:
             target_shift=move(plan.target_shift),
             x_rows=None if plan.x_rows is None else move(plan.x_rows),
             x_row_bounds=None if plan.x_row_bounds is None else plan.x_row_bounds.tolist(),
+            rows_host=plan.rows if device.type == "cpu" else None,
+            x_rows_host=plan.x_rows if device.type == "cpu" else None,
         )
 
 
 class StepRows(NamedTuple):
     """The item rows of one step (device tensors): see ``pipeline.sampling.RowPlan``."""
 
-    rows: Tensor
+    rows: RowIndex
     y_col: Tensor
     x_col: Tensor
     log_weight: Tensor
     target_shift: Tensor
-    x_rows: Tensor | None
+    x_rows: RowIndex | None
 
 
 def _step_rows(block: _Block, t: int, lo: int, hi: int) -> StepRows:
@@ -210,10 +214,10 @@ def _step_rows(block: _Block, t: int, lo: int, hi: int) -> StepRows:
     x_rows = None
     if block.x_rows is not None:
         assert block.x_row_bounds is not None
-        x_rows = block.x_rows[block.x_row_bounds[k] : block.x_row_bounds[k + 1]]
-    return StepRows(
-        block.rows[r0:r1], block.y_col[e0:e1], block.x_col[e0:e1], block.log_weight[r0:r1], block.target_shift[e0:e1], x_rows
-    )
+        x0, x1 = block.x_row_bounds[k], block.x_row_bounds[k + 1]
+        x_rows = RowIndex(block.x_rows[x0:x1], None if block.x_rows_host is None else block.x_rows_host[x0:x1])
+    rows = RowIndex(block.rows[r0:r1], None if block.rows_host is None else block.rows_host[r0:r1])
+    return StepRows(rows, block.y_col[e0:e1], block.x_col[e0:e1], block.log_weight[r0:r1], block.target_shift[e0:e1], x_rows)
 
 
 class Trainer:
@@ -259,18 +263,18 @@ class Trainer:
         """
         cfg, model, opt = self.config, self.model, self.optimizer
         b = step.y_col.shape[0]
-        w_rows = take_rows(model.Wy.data, step.rows)
-        b_rows = take_rows(model.By.data, step.rows)
+        w_rows = opt.rows_of(model.Wy).take(step.rows)
+        b_rows = opt.rows_of(model.By).take(step.rows)
         if model.constrained_embedding:
             x_table_rows = None
-            x_in = w_rows.index_select(0, step.x_col)
+            x_in = w_rows[0].index_select(0, step.x_col)
         else:
             assert step.x_rows is not None
-            x_table_rows = take_rows(model.input_table.data, step.x_rows)
-            x_in = x_table_rows.index_select(0, step.x_col)
+            x_table_rows = opt.rows_of(model.input_table).take(step.x_rows)
+            x_in = x_table_rows[0].index_select(0, step.x_col)
 
         out, hidden, cache = model.train_forward(x_in, hidden)
-        scores = torch.addmm(b_rows, out, w_rows.t())
+        scores = torch.addmm(b_rows[0].view(-1), out, w_rows[0].t())
         if cfg.loss == "cross-entropy":
             loss_sum, d_scores = losses.cross_entropy_grouped(scores, step.log_weight, step.y_col, step.target_shift, 1.0 / b)
         elif cfg.loss == "bpr-max":
@@ -281,13 +285,13 @@ class Trainer:
             raise ConfigError(f"unknown loss {cfg.loss!r}; expected one of {', '.join(losses.LOSSES)}")
         d_w = d_scores.t().mm(out)
         d_b = d_scores.sum(0)
-        dense_grads, d_x = model.train_backward(cache, d_scores.mm(w_rows))
+        dense_grads, d_x = model.train_backward(cache, d_scores.mm(w_rows[0]))
 
         opt.step_dense(dense_grads)
         if x_table_rows is None:
             d_w.index_add_(0, step.x_col, d_x)
         else:
-            d_x_rows = d_x.new_zeros(x_table_rows.shape).index_add_(0, step.x_col, d_x)
+            d_x_rows = d_x.new_zeros(x_table_rows[0].shape).index_add_(0, step.x_col, d_x)
             opt.step_rows(model.input_table, step.x_rows, d_x_rows, unique=True, current=x_table_rows)
         opt.step_rows(model.Wy, step.rows, d_w, unique=True, current=w_rows)
         opt.step_rows(model.By, step.rows, d_b, unique=True, current=b_rows)

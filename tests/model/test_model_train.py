@@ -89,8 +89,8 @@ def test_a_step_scores_only_targets_and_samples_never_the_catalogue(loss):
     schedule = Schedule(np.arange(batch), np.arange(batch) + 100, np.ones(batch, bool), np.array([0, batch]), {}, np.arange(batch))
     block = trainer.plan(schedule, 0, 1, np.random.default_rng(0))
     step = _step_rows(block, 0, 0, batch)
-    distinct = len(set(range(batch)) | set(range(100, 100 + batch)) | set(step.rows.tolist()))
-    assert len(step.rows) == distinct <= 2 * batch + n_sample
+    distinct = len(set(range(batch)) | set(range(100, 100 + batch)) | set(step.rows.device.tolist()))
+    assert len(step.rows.device) == distinct <= 2 * batch + n_sample
     hidden = model.init_hidden(batch)
     with _OutputShapes() as probe:
         _, new_hidden = trainer._step(step, hidden)
