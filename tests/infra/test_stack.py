@@ -9,8 +9,12 @@ Two DAGs run on it:
 - ``infra_probe`` (tests/infra/dags): the plumbing alone (queues, pool, S3, MLflow server, crash + retry),
   independent of the pipeline's code, so a failure here points at the deployment;
 - ``gru4rec_daily`` (dags/): the real pipeline on generated click logs in S3: a first date promotes a
-  champion, then the gpu worker is killed in the middle of a second date's training and a fresh worker
-  finishes the run from the checkpoint without duplicating anything.
+  champion; a second date is triggered before its partition exists (the sensor waits, giving its worker
+  slot back between looks, until the partition lands), then the gpu worker is killed in the middle of its
+  training and a fresh worker finishes the run from the checkpoint without duplicating anything.
+
+``stack.sh up`` and ``stack.sh down`` run as separate processes, as people run them; after ``down`` no
+process of the stack may remain.
 
 About 6 minutes on 2 cores: stack start ~30 s, probe runs ~25 s + ~70 s, real runs ~100 s + ~130 s (each
 crash waits ~30 s for the scheduler's heartbeat timeout to notice the dead worker), teardown ~20 s.
@@ -19,6 +23,7 @@ crash waits ~30 s for the scheduler's heartbeat timeout to notice the dead worke
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,12 +31,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import localstack
+from pipeline import localstack, processes
 from pipeline.config import TrackingConfig
 
 pytestmark = [pytest.mark.stack, pytest.mark.integration, pytest.mark.timeout(600)]
 
 HERE = Path(__file__).resolve().parent
+STACK_SH = HERE.parents[1] / "infra" / "local" / "stack.sh"
 PROBE = "infra_probe"
 DAG = "gru4rec_daily"
 CLICKS = f"s3://{localstack.BUCKET}/clicks"
@@ -48,6 +54,7 @@ PIPELINE_CONFIG = {
         "retry_delay_minutes": 0.05,
         "max_retry_delay_minutes": 0.1,
         "grid": {"learning_rate": [0.1, 0.2]},
+        "partition_poke_minutes": 2 / 60,  # the late partition is noticed within seconds
     },
     "gru4rec": {"layers": [64], "n_epochs": 2, "n_sample": 256, "batch_size": 32},
     "build": {"min_item_support": 3},
@@ -60,14 +67,28 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localstack.Stack
     home = tmp_path_factory.mktemp("stack")
     config = home / "pipeline-config.yaml"
     config.write_text(yaml.safe_dump(PIPELINE_CONFIG))
-    state = localstack.up(home, dag_bundles={"infra-tests": HERE / "dags"}, extra_env={"PIPELINE_CONFIG": str(config)})
+    up = [str(STACK_SH), "--home", str(home), "up", "--bundle", f"infra-tests={HERE / 'dags'}", "--env", f"PIPELINE_CONFIG={config}"]
+    started = subprocess.run(up, capture_output=True, text=True, timeout=420)
     try:
-        yield state
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-3000:]
+        yield localstack.StackState.load(home)
     finally:
-        localstack.down(home)
-        # Nothing of the stack survives `down`: every recorded pid is gone.
-        leftovers = [pid for pid in [*state.pids.values(), state.s3_pid] if localstack._alive(pid)]
-        assert not leftovers, f"processes left running after down: {leftovers}"
+        stopped = subprocess.run([str(STACK_SH), "--home", str(home), "down"], capture_output=True, text=True, timeout=180)
+        assert stopped.returncode == 0, stopped.stderr[-3000:]
+        # Nothing of the stack survives `down`, although `down` is the parent of none of it.
+        assert _stack_processes(home) == []
+
+
+def _stack_processes(home: Path) -> list[str]:
+    """Every running process started for the stack in ``home`` (they all get its folder in their environment)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "name", "environ"]):
+        env = proc.info["environ"] or {}
+        if any(str(home) in value for value in env.values()) and processes.alive(proc.info["pid"]):
+            found.append(f"{proc.info['pid']} {proc.info['name']}")
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -91,15 +112,20 @@ def mlflow_client(stack: localstack.StackState):
     return MlflowClient(tracking_uri=stack.mlflow_url, registry_uri=stack.mlflow_url)
 
 
-@pytest.fixture(scope="module")
-def clicks(stack: localstack.StackState) -> str:
-    """Four days of generated click logs in the stack's bucket (dt=YYYY-MM-DD partitions)."""
+def _generate(stack: localstack.StackState, start: str, days: int) -> None:
     from pipeline.generate import generate_clicks
 
     with pytest.MonkeyPatch.context() as mp:
         for key, value in stack.client_env().items():
             mp.setenv(key, value)
-        generate_clicks(CLICKS, days=4, start_date=FIRST_DAY, sessions_per_day=800, n_items=300, seed=3)
+        generate_clicks(CLICKS, days=days, start_date=start, sessions_per_day=800, n_items=300, seed=3)
+
+
+@pytest.fixture(scope="module")
+def clicks(stack: localstack.StackState) -> str:
+    """Three days of generated click logs in the stack's bucket (dt=YYYY-MM-DD partitions); the fourth
+    (RUN2_DAY) arrives late, while its run waits for it."""
+    _generate(stack, FIRST_DAY, 3)
     return CLICKS
 
 
@@ -269,13 +295,22 @@ def test_daily_dag_trains_on_the_gpu_worker_and_promotes(stack: localstack.Stack
     assert run["state"] == "success"
 
 
-def test_daily_dag_survives_a_gpu_worker_crash_mid_training(stack: localstack.StackState, clicks: str, mlflow_client) -> None:
+def test_daily_dag_waits_for_a_late_partition_and_survives_a_gpu_worker_crash_mid_training(
+    stack: localstack.StackState, clicks: str, s3, mlflow_client
+) -> None:
     api = stack.api()
     api.wait_for_dag(DAG, timeout=120)
     epochs = 8
     conf = {"grid": {"learning_rate": [0.1]}, "gru4rec": {"n_epochs": epochs}}
     run_id = api.trigger(DAG, f"{RUN2_DAY}T00:00:00+00:00", conf)["dag_run_id"]
     this_date = f"tags.`pipeline.kind` = 'training' and tags.`pipeline.run_key` LIKE '{DAG}/{RUN2_DAY}/%'"
+
+    # The run's partition is late: its sensor looks, finds nothing and gives its worker slot back.
+    deadline = time.monotonic() + 120
+    while _state(api, run_id, "wait_for_partition") != "up_for_reschedule":
+        assert time.monotonic() < deadline, f"the sensor never waited: {_state(api, run_id, 'wait_for_partition')}"
+        time.sleep(0.5)
+    _generate(stack, RUN2_DAY, 1)  # the partition lands after the run started
 
     # Wait until the trial has finished (and checkpointed) its first epoch on the gpu worker, then crash it.
     deadline = time.monotonic() + 240
@@ -308,6 +343,14 @@ def test_daily_dag_survives_a_gpu_worker_crash_mid_training(stack: localstack.St
     assert sorted(history) == list(range(1, epochs + 1))
     versions = mlflow_client.search_model_versions(f"name = '{TrackingConfig().registered_model}'")
     assert len({v.run_id for v in versions}) == len(versions)
+    # The summary says which partition the run waited for, and how long.
+    summary = json.loads(s3.get_object(Bucket=localstack.BUCKET, Key=f"output/runs/dt={RUN2_DAY}/summary.json")["Body"].read())
+    assert [(w["date"], w["uri"]) for w in summary["partitions_waited"]] == [(RUN2_DAY, f"{CLICKS}/dt={RUN2_DAY}")]
+    assert summary["partitions_waited"][0]["waited_s"] > 0
+
+
+def _state(api: localstack.AirflowAPI, run_id: str, task_id: str) -> str | None:
+    return next((ti["state"] for ti in api.task_instances(DAG, run_id) if ti["task_id"] == task_id), None)
 
 
 # ---------------------------------------------------------------------------------------------
