@@ -7,7 +7,8 @@ when it is better than the model in production.
 1. **plan** / **partitions**: the run's date (the logical date, or the `window_end` Param), the
    trials of the grid, where every output goes (all addressed by the date, so a re-run overwrites
    instead of duplicating) and the click-log partitions `dt=YYYY-MM-DD/` of the training window.
-   **wait_for_partition** first waits for the run's own partition when it is late (a sensor in
+   **wait_for_partition** first waits for the run's own partition (every day from `window_start`
+   when that Param is set) when it is late (a sensor in
    reschedule mode: no worker slot is held between looks every `airflow.partition_poke_minutes`; with
    `airflow.partition_marker` set, e.g. `_SUCCESS`, also for that marker) and fails the run with
    "no partition dt=X after N h" after `airflow.partition_timeout_hours`.
