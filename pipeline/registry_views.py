@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline import registry
-from pipeline.decision import TimeWindow, parse_metric
+from pipeline.decision import SELECTED_ON_OPERATOR, TimeWindow, parse_metric
 from pipeline.tracking import TAG_KIND, quote
 
 if TYPE_CHECKING:
@@ -122,7 +122,13 @@ def format_history(entries: list[HistoryEntry]) -> str:
         return "no decisions recorded"
     lines = []
     for e in entries:
-        versions = f"candidate v{e.candidate_version or '-'} vs champion v{e.champion_version or '-'}"
+        champion = f"champion v{e.champion_version}" if e.champion_version else "no champion"
+        if e.action in ("moved", "rolled_back"):
+            versions = f"@champion v{e.champion_version or '-'} -> v{e.candidate_version or '-'}"
+        elif e.selected_on == SELECTED_ON_OPERATOR:  # pin, unpin, or a lever that changed nothing
+            versions = f"@champion v{e.champion_version or '-'}"
+        else:
+            versions = f"candidate v{e.candidate_version or '-'} vs {champion}"
         if e.mean_diff is not None:
             evidence = f"{e.metric} diff {_num(e.mean_diff)} (95% CI [{_num(e.ci_low)}, {_num(e.ci_high)}]) p={_num(e.p_value, '.4f')}"
             if e.p_adjusted is not None:
