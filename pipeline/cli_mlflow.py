@@ -142,6 +142,9 @@ def _promote(args: argparse.Namespace) -> int:
     else:
         run_ids = args.run_id or registry.candidate_runs(cfg, args.parent_run_id)
         decision = registry.promote(cfg, run_ids, parent_run_id=args.parent_run_id, device=args.device)
+        from pipeline import champion_history
+
+        champion_history.log_for_decision(cfg, decision.to_dict())
     _print(decision.to_dict())
     return 0
 

@@ -80,6 +80,56 @@ def cutoff_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], path: str
     return _save(fig, path)
 
 
+def champion_history(
+    dates: Sequence[str],
+    champion: Sequence[float | None],
+    candidates: Sequence[tuple[str, float, str]],
+    spop: Sequence[float | None],
+    metric: str,
+    path: str | Path,
+) -> Path:
+    """The primary metric over run dates: the champion after each decision (a step line), every candidate
+    (challenger) as a marker by what was decided, and S-POP on the same test data.
+
+    ``dates`` are ISO dates of the decisions in order; ``champion`` and ``spop`` one value (or None) per date;
+    ``candidates`` ``(date, value, action)`` triples.
+    """
+    import datetime as dt
+
+    from matplotlib.figure import Figure
+
+    def day(value: str) -> dt.date:
+        return dt.date.fromisoformat(value[:10])
+
+    fig = Figure(figsize=(8, 4), layout="constrained")
+    ax = fig.subplots()
+    xs = [day(d) for d in dates]
+    held = [(x, v) for x, v in zip(xs, champion, strict=True) if v is not None]
+    if held:
+        ax.step(*zip(*held, strict=True), where="post", color=_COLOURS["GRU4Rec"], marker="o", label="@champion")
+    markers = {"promoted": ("^", "#2ca02c"), "challenger": ("o", "#d62728"), "refused": ("x", "#7f7f7f")}
+    for action in sorted({a for _, _, a in candidates}):
+        shape, colour = markers.get(action, ("s", "#9467bd"))
+        points = [(day(d), v) for d, v, a in candidates if a == action]
+        ax.scatter(*zip(*points, strict=True), marker=shape, color=colour, zorder=3, label=f"candidate: {action}")
+    base = [(x, v) for x, v in zip(xs, spop, strict=True) if v is not None]
+    if base:
+        ax.plot(*zip(*base, strict=True), linestyle="--", color=_COLOURS["S-POP"], label="S-POP (same test data)")
+    if xs:  # one tick per day (or every few days), labelled as dates
+        from matplotlib import dates as mdates
+
+        span = (max(xs) - min(xs)).days
+        ax.xaxis.set_major_locator(mdates.DayLocator(interval=max(1, span // 8)))
+        ax.xaxis.set_major_formatter(mdates.DateFormatter("%Y-%m-%d"))
+    ax.set_title(f"{metric} of the champion and its challengers by run date")
+    ax.set_xlabel("run date")
+    ax.set_ylabel(metric)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.autofmt_xdate()
+    return _save(fig, path)
+
+
 def _save(fig, path: str | Path) -> Path:
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)

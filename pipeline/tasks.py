@@ -631,7 +631,7 @@ def evaluate_and_promote(
     A decision already recorded under this date's parent run for the same candidates is returned as it
     is: re-running a date never registers, compares or moves an alias again.
     """
-    from pipeline import registry
+    from pipeline import champion_history, registry
 
     cfg = config_of(run)
     parent = results[0]["parent_run_id"]
@@ -650,6 +650,7 @@ def evaluate_and_promote(
         decision = registry.promote(
             cfg, run_ids, parent_run_id=parent, device=device, date=run["date"], actor=actor
         ).to_dict()
+        champion_history.log_for_decision(cfg, decision)  # the picture of every champion so far, on the record
     log.info("promotion decision: %s: %s", decision["action"], decision["reason"])
     return {
         "decision": decision,

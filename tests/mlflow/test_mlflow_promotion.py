@@ -377,6 +377,28 @@ def test_a_backfill_never_uses_a_test_window_the_champion_trained_on(daily_datas
         ("2024-03-04", "refused"),
         ("2024-03-06", "promoted"),
     ]
+    _check_champion_history_picture(cfg, latest, later)
+
+
+def _check_champion_history_picture(cfg, latest: registry.Decision, later: registry.Decision) -> None:
+    """The picture logged with a decision: every dated decision by run date, the champion after each."""
+    import mlflow
+
+    from pipeline import champion_history
+
+    experiment = tracking.configure(cfg.tracking)
+    points = champion_history.history_points(client(), experiment, cfg.tracking.registered_model, later.metric)
+    assert [(p.date, p.action) for p in points] == [
+        ("2024-03-04", "refused"), ("2024-03-05", "refused"), ("2024-03-06", "promoted"), ("2024-03-07", later.action)
+    ]  # fmt: skip
+    promoted = points[2]
+    assert promoted.candidate == pytest.approx(latest.candidate_value) and promoted.champion_after == promoted.candidate
+    assert promoted.spop is not None and 0 < promoted.spop < promoted.candidate
+    expected_after = later.candidate_value if later.action == "promoted" else later.champion_value
+    assert points[3].champion_after == pytest.approx(expected_after)
+    assert champion_history.log_for_decision(cfg, later.to_dict()) == Path(champion_history.PLOT)
+    png = mlflow.artifacts.download_artifacts(run_id=later.record_run_id, artifact_path=champion_history.PLOT)
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_champion_is_evaluated_on_exactly_the_candidate_test_split(
