@@ -58,6 +58,7 @@ from pipeline import __version__, storage
 from pipeline import ingest as ingest_mod
 from pipeline.config import BuildConfig, IngestConfig, to_dict
 from pipeline.errors import ConfigError, InputError
+from pipeline.expectations import seconds_before_session_max
 from pipeline.schema import (
     DATASET_SCHEMA_VERSION,
     ITEM_ID,
@@ -68,7 +69,6 @@ from pipeline.schema import (
     TIMESTAMP,
     TIMESTAMP_TYPE,
 )
-from pipeline.expectations import seconds_before_session_max
 from pipeline.spill import ArrayStore
 
 log = logging.getLogger(__name__)
