@@ -506,9 +506,13 @@ def text_times(arr: pa.ChunkedArray, unit: str, iso: bool | None) -> tuple[pa.Ch
 
     whole = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     present = len(whole) - whole.null_count
-    if iso is None:
-        numeric = pc.sum(pc.match_substring_regex(whole, NUMBER_TEXT)).as_py() or 0 if present else 0
-        iso = numeric * 2 <= present
+    if iso is None and present:  # whichever kind every value is, else the one most values are (a full scan)
+        for convert in (numbers, _iso_times):
+            try:
+                return _chunked(convert(whole)).cast(TIMESTAMP_TYPE), np.zeros(len(whole), dtype=bool)
+            except _CONVERSION_ERRORS:
+                pass
+        iso = 2 * (pc.sum(pc.match_substring_regex(whole, NUMBER_TEXT)).as_py() or 0) <= present
     times, bad = convert_values(whole, _iso_times if iso else numbers, ISO_TEXT if iso else NUMBER_TEXT)
     if present and int(bad.sum()) == present:
         return None
