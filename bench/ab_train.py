@@ -52,14 +52,19 @@ def main() -> int:
                 r = run_once(checkout.resolve(), row, args.epochs, args.threads)
                 r |= {"side": side, "round": i + 1, "load_avg_1m": os.getloadavg()[0]}
                 runs.append(r)
-                print(json.dumps({k: r[k] for k in ("round", "row", "side", "train_seconds", "events_per_s", "epoch_seconds", "load_avg_1m")}), flush=True)
+                print(json.dumps({k: r[k] for k in ("round", "row", "side", "train_seconds", "events_per_s", "events_per_cpu_s", "epoch_seconds", "load_avg_1m")}), flush=True)
     for row in args.rows:
         old = {r["round"]: r["train_seconds"] for r in runs if r["row"] == row and r["side"] == "old"}
         new = {r["round"]: r["train_seconds"] for r in runs if r["row"] == row and r["side"] == "new"}
         ratios = sorted(old[k] / new[k] for k in old)
+        # events per CPU-second of the train() call (all threads): less sensitive to other processes
+        cpu_old = {r["round"]: r["events_per_cpu_s"] for r in runs if r["row"] == row and r["side"] == "old"}
+        cpu_new = {r["round"]: r["events_per_cpu_s"] for r in runs if r["row"] == row and r["side"] == "new"}
+        cpu_ratios = sorted(cpu_new[k] / cpu_old[k] for k in cpu_old)
         print(f"{row}: old {statistics.median(old.values()):.2f} s, new {statistics.median(new.values()):.2f} s "
               f"(median of {len(ratios)}); per-round speed-up {', '.join(f'{x:.2f}x' for x in ratios)}, "
-              f"median {statistics.median(ratios):.2f}x")
+              f"median {statistics.median(ratios):.2f}x; CPU time per event old/new "
+              f"{', '.join(f'{x:.2f}x' for x in cpu_ratios)}")
     if args.json:
         args.json.write_text(json.dumps(runs, indent=2))
     return 0

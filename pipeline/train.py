@@ -24,7 +24,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -255,6 +256,20 @@ class Trainer:
         )
         return _Block.of(plan, first, lo, self.device)
 
+    def _blocks(self, schedule: Schedule, n_steps: int, rng: np.random.Generator) -> Iterator[_Block]:
+        """The epoch's blocks in order, each planned on a helper thread while the previous one trains (NumPy
+        releases the GIL in its array work, so on a machine with a spare core planning costs no step time).
+        Blocks are planned one after another from one generator, so the samples do not depend on timing."""
+        firsts = list(range(0, n_steps, self.block_steps))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan") as pool:
+            pending = pool.submit(self.plan, schedule, 0, min(self.block_steps, n_steps), rng)
+            for i in range(len(firsts)):
+                block = pending.result()
+                if i + 1 < len(firsts):
+                    first = firsts[i + 1]
+                    pending = pool.submit(self.plan, schedule, first, min(first + self.block_steps, n_steps), rng)
+                yield block
+
     @torch.no_grad()
     def _step(self, step: StepRows, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """One mini-batch: forward on the gathered rows, loss and gradients in closed form, Adagrad.
@@ -318,10 +333,11 @@ class Trainer:
         width = bounds[1] - bounds[0]
         hidden = self.model.init_hidden(width, self.device)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        block = None
+        blocks = self._blocks(schedule.schedule, n_steps, rng)
+        block = next(blocks)
         for t in range(n_steps):
-            if block is None or t - block.first >= len(block.row_bounds) - 1:
-                block = self.plan(schedule.schedule, t, min(t + self.block_steps, n_steps), rng)
+            if t - block.first >= len(block.row_bounds) - 1:
+                block = next(blocks)
             lo, hi = bounds[t], bounds[t + 1]
             carry = schedule.carry.get(t)
             if carry is not None:
