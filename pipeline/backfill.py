@@ -92,16 +92,9 @@ def _dag(dag_id: str) -> str:
     return urllib.parse.quote(dag_id, safe="")
 
 
-def _check_dag(api: AirflowAPI, dag_id: str) -> str:
-    """Fail clearly on a DAG that cannot be backfilled; a warning when it is paused."""
-    dag = api.get(f"/dags/{_dag(dag_id)}")
-    if not dag.get("is_backfillable", dag.get("timetable_periodic", True)):
-        raise ConfigError(
-            f"backfill: DAG {dag_id} has no periodic schedule (airflow.schedule is null); Airflow backfills only "
-            "scheduled DAGs: set airflow.schedule (e.g. '@daily'), or trigger each date "
-            "(airflow dags trigger ... --logical-date D)"
-        )
-    if dag.get("is_paused"):
+def _paused_warning(api: AirflowAPI, dag_id: str) -> str:
+    """Backfill runs of a paused DAG wait: say so (unpausing also starts its schedule, so that is the operator's call)."""
+    if api.get(f"/dags/{_dag(dag_id)}").get("is_paused"):
         return (
             f"DAG {dag_id} is paused: Airflow starts the backfill's runs once it is unpaused "
             f"(airflow dags unpause {dag_id})"
@@ -109,10 +102,23 @@ def _check_dag(api: AirflowAPI, dag_id: str) -> str:
     return ""
 
 
+def _post(api: AirflowAPI, path: str, request: Request) -> Any:
+    try:
+        return api.post(path, request.body())
+    except PipelineError as exc:
+        if "non-periodic schedule" in str(exc):
+            raise ConfigError(
+                f"backfill: DAG {request.dag_id} has no schedule (airflow.schedule is null) and Airflow backfills only "
+                "scheduled DAGs: set airflow.schedule (e.g. '@daily') in the config, or trigger each date "
+                f"(airflow dags trigger {request.dag_id} --logical-date DT00:00:00+00:00)"
+            ) from None
+        raise
+
+
 def dry_run(api: AirflowAPI, request: Request) -> Outcome:
     """The dates a backfill would create a run for now (Airflow's dry run)."""
-    warning = _check_dag(api, request.dag_id)
-    found = api.post("/backfills/dry_run", request.body())
+    warning = _paused_warning(api, request.dag_id)
+    found = _post(api, "/backfills/dry_run", request)
     dates = sorted(str(b["logical_date"])[:10] for b in found["backfills"] if b.get("logical_date"))
     return Outcome(None, dates, completed=False, warning=warning)
 
@@ -120,7 +126,7 @@ def dry_run(api: AirflowAPI, request: Request) -> Outcome:
 def create(api: AirflowAPI, request: Request) -> Outcome:
     """Create the backfill; which dates get a run is Airflow's dry run taken just before."""
     planned = dry_run(api, request)
-    created = api.post("/backfills", request.body())
+    created = _post(api, "/backfills", request)
     return Outcome(
         int(created["id"]),
         planned.dates,

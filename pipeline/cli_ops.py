@@ -156,6 +156,9 @@ def _status(args: argparse.Namespace) -> int:
     if args.runs < 1 or args.days < 1:
         raise ConfigError(f"--runs and --days must be >= 1, got {args.runs} and {args.days}")
     cfg, out = _environment(args)
+    # A status screen answers in seconds: an MLflow server that is down is reported, not retried for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     result = status.collect(cfg, out, runs=args.runs, days=args.days, stack_home=args.stack)
     print(json.dumps(result.to_dict(), indent=2) if args.json else status.format_status(result))
     return 0
