@@ -401,7 +401,7 @@ class DecisionRecord:
 
 
 def recent_decisions(cfg: PipelineConfig, limit: int) -> list[DecisionRecord]:
-    """The last ``limit`` decision records, newest first (MLflow runs of kind ``promotion``)."""
+    """The last ``limit`` decision records of the registered model, newest first (its promotion runs)."""
     import mlflow
 
     from pipeline import registry, tracking
@@ -409,7 +409,7 @@ def recent_decisions(cfg: PipelineConfig, limit: int) -> list[DecisionRecord]:
     experiment_id = tracking.configure(cfg.tracking)
     runs = mlflow.MlflowClient().search_runs(
         [experiment_id],
-        f"tags.`{tracking.TAG_KIND}` = 'promotion'",
+        registry.decisions_query(cfg.tracking.registered_model),
         order_by=["attributes.start_time DESC"],
         max_results=limit,
     )

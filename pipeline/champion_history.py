@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import plots, registry
-from pipeline.tracking import TAG_KIND, quote
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -41,7 +40,7 @@ class HistoryPoint:
 
 def history_points(client: MlflowClient, experiment_id: str, model_name: str, metric: str) -> list[HistoryPoint]:
     """The DAG decisions of ``model_name`` in date order (a date decided twice: its latest record)."""
-    query = f"tags.`{TAG_KIND}` = 'promotion' and tags.`{registry.TAG_RECORD_MODEL}` = {quote(model_name)}"
+    query = registry.decisions_query(model_name)
     latest: dict[str, HistoryPoint] = {}
     for run in client.search_runs([experiment_id], query, order_by=["attributes.start_time ASC"], max_results=5000):
         tags, values = run.data.tags, run.data.metrics

@@ -134,6 +134,11 @@ def default_actor() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def decisions_query(model_name: str) -> str:
+    """The MLflow search filter for the decision records of ``model_name`` (what :func:`_record` writes)."""
+    return f"tags.`{TAG_KIND}` = 'promotion' and tags.`{TAG_RECORD_MODEL}` = {quote(model_name)}"
+
+
 def mlflow_client(cfg: PipelineConfig) -> MlflowClient:
     from pipeline import tracking
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import registry
 from pipeline.decision import SELECTED_ON_OPERATOR, TimeWindow, parse_metric
-from pipeline.tracking import TAG_KIND, quote
+from pipeline.tracking import quote
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -61,10 +61,7 @@ def history(cfg: PipelineConfig, limit: int | None = 20) -> list[HistoryEntry]:
     from pipeline import tracking
 
     experiment_id = tracking.configure(cfg.tracking)
-    query = (
-        f"tags.`{TAG_KIND}` = 'promotion' and tags.`{registry.TAG_RECORD_MODEL}` = "
-        f"{quote(cfg.tracking.registered_model)}"
-    )
+    query = registry.decisions_query(cfg.tracking.registered_model)
     entries: list[HistoryEntry] = []
     token = None
     while limit is None or len(entries) < limit:
