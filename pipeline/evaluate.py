@@ -5,7 +5,8 @@ item is unknown to it are dropped and counted, then sessions left with fewer tha
 Every remaining event but the first of its session is one prediction, ranked against ALL training items.
 Each test session starts from a zero hidden state: sessions are laid out one per row, sorted by length,
 so at step t the sessions still running are a prefix of the rows and no state ever crosses sessions.
-Ties are explicit: ``standard`` rank = 1 + #(scores > target), ``conservative`` = #(scores >= target)
+The loop over steps never reads a value back from the device (sizes come from the host-side lengths),
+so on a GPU it only queues work. Ties are explicit: ``standard`` rank = 1 + #(scores > target), ``conservative`` = #(scores >= target)
 (the target counts itself, so a constant-score model gets rank = catalogue size), ``median`` = their mean.
 
 This module also reads the click inputs that training and evaluation share (GRU4Rec TSV, Parquet files of
@@ -246,11 +247,11 @@ class _SessionPopularity:
     not yet in the session, the catalogue items at least as popular (from a sorted popularity table).
     """
 
-    def __init__(self, items: torch.Tensor, counts: torch.Tensor, ties: str) -> None:
+    def __init__(self, items: torch.Tensor, counts: torch.Tensor, ties: str, max_count: int) -> None:
         import torch
 
         self.items, self.pop, self.ties = items, counts, ties
-        self.weight = int(counts.max()) + 1
+        self.weight = max_count + 1  # from the host: reading counts.max() would wait for the device
         self.sorted_pop = torch.sort(counts).values
         self.count = torch.zeros_like(items)  # per prefix position: occurrences of its item in the prefix
         self.first = torch.zeros_like(items, dtype=torch.bool)  # first occurrence of its item in the session
@@ -334,6 +335,7 @@ def evaluate(
     order = np.argsort(-lengths, kind="stable")  # longest first: running sessions are a row prefix
     chunk = max(1, score_budget // n_items)
     counts = torch.as_tensor(item_map.counts, dtype=torch.int64, device=device)
+    max_count = int(item_map.counts.max()) if n_items else 0
 
     model_ranks, spop_ranks, targets_all, rows_all = [], [], [], []
     was_training = model.training
@@ -350,7 +352,7 @@ def evaluate(
             rows = np.where(valid, data.rows[pos], -1)
             running = (lens[:, None] > col[None, 1:]).sum(0)  # sessions with a target at step t
             hidden = model.init_hidden(len(sess), device)
-            spop = _SessionPopularity(items, counts, ties) if baselines else None
+            spop = _SessionPopularity(items, counts, ties, max_count) if baselines else None
             for t in range(width - 1):
                 n = int(running[t])
                 x, y = items[:n, t], items[:n, t + 1]

@@ -47,6 +47,7 @@ from pipeline.sampling import PopularitySampler, RowPlan, plan_rows
 log = logging.getLogger(__name__)
 
 CHECK_EVERY = 64  # steps between finite-loss checks (the only device syncs of the loop)
+FIRST_BLOCK_STEPS = 16  # steps planned before the first one runs
 METRICS_FILE = "train_metrics.json"
 EpochCallback = Callable[[int, dict[str, float]], None]
 
@@ -260,14 +261,19 @@ class Trainer:
         """The epoch's blocks in order, each planned on a helper thread while the previous one trains (NumPy
         releases the GIL in its array work, so on a machine with a spare core planning costs no step time).
         Blocks are planned one after another from one generator, so the samples do not depend on timing."""
-        firsts = list(range(0, n_steps, self.block_steps))
+        # Blocks start small and double, so the first step does not wait for a full block (~0.1-0.3 s).
+        # The generator hands out the same stream of samples whatever the block sizes.
+        firsts, size = [0], min(FIRST_BLOCK_STEPS, self.block_steps)
+        while firsts[-1] + size < n_steps:
+            firsts.append(firsts[-1] + size)
+            size = min(2 * size, self.block_steps)
+        firsts.append(n_steps)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan") as pool:
-            pending = pool.submit(self.plan, schedule, 0, min(self.block_steps, n_steps), rng)
-            for i in range(len(firsts)):
+            pending = pool.submit(self.plan, schedule, firsts[0], firsts[1], rng)
+            for i in range(1, len(firsts)):
                 block = pending.result()
                 if i + 1 < len(firsts):
-                    first = firsts[i + 1]
-                    pending = pool.submit(self.plan, schedule, first, min(first + self.block_steps, n_steps), rng)
+                    pending = pool.submit(self.plan, schedule, firsts[i], firsts[i + 1], rng)
                 yield block
 
     @torch.no_grad()

@@ -107,3 +107,12 @@ def test_row_plan_matches_the_columns_of_each_step(shared, loss, logq):
                 np.testing.assert_allclose(shift, logq * log_count[y], rtol=1e-6)
             else:
                 assert not shift.any()
+
+
+def test_samples_do_not_depend_on_how_steps_are_split_into_blocks():
+    """Training plans blocks of growing size; the samples of step k must be the same either way."""
+    sampler = PopularitySampler(np.arange(1, 60), 32, 0.5)
+    whole = sampler.draw(np.random.default_rng(4), 7)
+    rng = np.random.default_rng(4)
+    parts = np.concatenate([sampler.draw(rng, 1), sampler.draw(rng, 2), sampler.draw(rng, 4)])
+    assert np.array_equal(whole, parts)
