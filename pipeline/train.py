@@ -276,6 +276,25 @@ class Trainer:
                     pending = pool.submit(self.plan, schedule, firsts[i], firsts[i + 1], rng)
                 yield block
 
+    def step_at(
+        self,
+        schedule: _DeviceSchedule,
+        block: _Block,
+        t: int,
+        hidden: list[Tensor],
+        step_hook: Callable[[int, Tensor, list[Tensor]], None] | None = None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """Step ``t`` of the epoch (its block planned): carry/reset the hidden rows, then train on them."""
+        lo, hi = schedule.bounds[t], schedule.bounds[t + 1]
+        carry = schedule.carry.get(t)
+        if carry is not None:
+            hidden = [h.index_select(0, carry) for h in hidden]
+        keep = schedule.keep[lo:hi]
+        hidden = [h * keep for h in hidden]
+        if step_hook is not None:
+            step_hook(t, torch.as_tensor(schedule.schedule.inputs[lo:hi]), hidden)
+        return self._step(_step_rows(block, t, lo, hi), hidden)
+
     @torch.no_grad()
     def _step(self, step: StepRows, hidden: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         """One mini-batch: forward on the gathered rows, loss and gradients in closed form, Adagrad.
@@ -344,16 +363,9 @@ class Trainer:
         for t in range(n_steps):
             if t - block.first >= len(block.row_bounds) - 1:
                 block = next(blocks)
-            lo, hi = bounds[t], bounds[t + 1]
-            carry = schedule.carry.get(t)
-            if carry is not None:
-                hidden = [h.index_select(0, carry) for h in hidden]
-            keep = schedule.keep[lo:hi]
-            hidden = [h * keep for h in hidden]
-            if step_hook is not None:
-                step_hook(t, torch.as_tensor(schedule.schedule.inputs[lo:hi]), hidden)
-            loss_sum, hidden = self._step(_step_rows(block, t, lo, hi), hidden)
+            loss_sum, hidden = self.step_at(schedule, block, t, hidden, step_hook)
             total += loss_sum
+            hi = bounds[t + 1]
             if (t + 1) % CHECK_EVERY == 0 or t + 1 == n_steps:
                 value = float(total) / hi
                 if not math.isfinite(value):
