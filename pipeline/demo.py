@@ -315,12 +315,22 @@ def partition_days(data_uri: str) -> list[dt.date]:
     return sorted(days)
 
 
-IMPORT_VERSION = 2  # bumped when the import writes something new: older imports are redone
+IMPORT_VERSION = 3  # bumped when the import writes something new: older imports are redone
 
 
-def read_source(source: str) -> tuple[Any, str, bool]:
-    """``(canonical events, format name, ordered)`` of a click log: what ``pipeline.ingest`` reads, plus
-    what its format implies (one name per distinct format, joined by "+"; ordered only if every file is)."""
+@dataclass(frozen=True)
+class Source:
+    """A click log read for the import: canonical events, what its format implies, and the lines set aside."""
+
+    events: Any  # pa.Table of canonical events
+    format: str  # one name per distinct format of its files, joined by "+"
+    ordered: bool  # every file's rows are time-ordered within a session
+    rejected: Any  # pa.Table: file, line, reason, raw of each malformed line (not imported)
+
+
+def read_source(source: str) -> Source:
+    """Read a click log as ``pipeline.ingest`` does, setting malformed lines aside instead of failing on the
+    first one; a file that is not its format at all (missing column, wrong type) is still an error."""
     import pyarrow as pa
 
     from pipeline import ingest
@@ -328,11 +338,22 @@ def read_source(source: str) -> tuple[Any, str, bool]:
     from pipeline.schema import EVENT_SCHEMA
 
     files, _ = ingest.list_inputs([source])
-    reads = [ingest.read_file(uri, strict=True) for uri in files]
+    reads = [ingest.read_file(uri, strict=False) for uri in files]
+    for read in reads:
+        if read.problems:
+            raise InputError(read.problems[0].message())
     table = pa.concat_tables([r.table for r in reads]) if reads else EVENT_SCHEMA.empty_table()
     if any(r.needs_sessions for r in reads):  # user-only log: sessions over everything read
         table = ingest.sessionize(ingest.decode_ids(table), IngestConfig().session_gap_minutes)
-    return table, "+".join(sorted({r.format for r in reads})), all(r.ordered for r in reads)
+    rejected = pa.concat_tables(
+        [ingest.REJECT_SCHEMA.empty_table().add_column(0, "file", pa.array([], pa.string()))]
+        + [
+            r.rejected.add_column(0, "file", pa.array([r.uri] * r.rejected.num_rows, pa.string()))
+            for r in reads
+        ]
+    )
+    fmt = "+".join(sorted({r.format for r in reads}))
+    return Source(table, fmt, all(r.ordered for r in reads), rejected)
 
 
 def import_by_day(source: str, out_dir: Path, say: Callable[[str], None]) -> str:
@@ -341,7 +362,8 @@ def import_by_day(source: str, out_dir: Path, say: Callable[[str], None]) -> str
 
     What the source format implies travels in each file's Parquet metadata (``pipeline.format``,
     ``pipeline.ordered``): validation then applies the session-order rule only where the source's rows
-    are time-ordered within a session (not Diginetica's), as it does on the source itself.
+    are time-ordered within a session (not Diginetica's), as it does on the source itself. Malformed lines
+    are set aside in ``_rejected.parquet`` (file, line, reason, raw text) and the rest is imported.
     """
     import json
     import shutil
@@ -357,28 +379,47 @@ def import_by_day(source: str, out_dir: Path, say: Callable[[str], None]) -> str
         say(f"  reusing {out_dir} (daily partitions of {source})")
         return str(out_dir)
     shutil.rmtree(out_dir, ignore_errors=True)
-    events, fmt, ordered = read_source(source)
-    events = events.replace_schema_metadata(
+    read = read_source(source)
+    out_dir.mkdir(parents=True)
+    fmt = read.format
+    events = read.events.replace_schema_metadata(
         {
-            **(events.schema.metadata or {}),
+            **(read.events.schema.metadata or {}),
             ingest.FORMAT_KEY: fmt.encode(),
-            ingest.ORDERED_KEY: str(ordered).lower().encode(),
+            ingest.ORDERED_KEY: str(read.ordered).lower().encode(),
         }
     )
     days = pc.strftime(events.column("timestamp"), format="%Y-%m-%d")
     counts = {}
     for day in sorted(d for d in pc.unique(days).to_pylist() if d is not None):
         part = events.filter(pc.equal(days, day))
-        (out_dir / f"dt={day}").mkdir(parents=True)
+        (out_dir / f"dt={day}").mkdir()
         pq.write_table(part, out_dir / f"dt={day}" / "events.parquet")
         counts[day] = part.num_rows
     undated = events.num_rows - sum(counts.values())
+    rejected = out_dir / "_rejected.parquet"  # a "_" name: the DAG's listing skips it
+    if read.rejected.num_rows:
+        pq.write_table(read.rejected, rejected)
     marker.write_text(
         json.dumps(
-            {**wanted, "format": fmt, "ordered": ordered, "rows": counts, "undated": undated}, indent=2
+            {
+                **wanted,
+                "format": fmt,
+                "ordered": read.ordered,
+                "rows": counts,
+                "undated": undated,
+                "rejected_lines": read.rejected.num_rows,
+            },
+            indent=2,
         )
     )
     say(f"  split {source} ({fmt} format) into {len(counts)} daily partitions under {out_dir}")
+    if read.rejected.num_rows:
+        reasons = pc.value_counts(read.rejected.column("reason")).to_pylist()
+        summary = ", ".join(f"{r['values']} {r['counts']}" for r in reasons)
+        say(
+            f"  {read.rejected.num_rows} malformed line(s) set aside ({summary}), the rest imported: see {rejected}"
+        )
     if undated:
         say(f"  {undated} events have no timestamp and belong to no day: left out (see {marker})")
     return str(out_dir)
