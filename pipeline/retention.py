@@ -269,8 +269,11 @@ def plan(
 
     for day, uri in _day_folders(storage.join(out, "datasets")):
         consider("dataset", uri, day, rcfg.datasets_days)
+    # The next run reads the validated days of its training window again: never delete those (a window longer
+    # than validated_days would otherwise re-validate most of its days on every run).
+    validated_days = max(rcfg.validated_days, cfg.airflow.train_days) if rcfg.validated_days else 0
     for day, uri in _day_folders(storage.join(out, "validated")):
-        consider("validated", uri, day, rcfg.validated_days, skip=QUARANTINE)
+        consider("validated", uri, day, validated_days, skip=QUARANTINE)
         consider("quarantine", storage.join(uri, QUARANTINE), day, rcfg.quarantine_days)
     for day, uri in _day_folders(storage.join(out, "models")):
         for _, data in _folders(uri):

@@ -249,3 +249,14 @@ def test_retention_config_rejects_negative_ages() -> None:
 
     with pytest.raises(ConfigError, match="retention: datasets_days must be >= 0"):
         from_mapping(PipelineConfig, {"retention": {"datasets_days": -1}})
+
+
+def test_validated_days_of_the_next_training_window_are_kept(home: Path) -> None:
+    """validated_days shorter than the training window: the days the next run reads again stay."""
+    cfg = from_mapping(PipelineConfig, {"retention": {"validated_days": 3}, "airflow": {"train_days": 10}})
+    out = str(home / "output")
+    days = [(TODAY - dt.timedelta(days=k)).isoformat() for k in (2, 9, 10, 11)]
+    for day in days:
+        _validated(out, day)
+    plan = retention.plan(cfg, out, TODAY, lineage=[])
+    assert sorted(i.day for i in plan.delete if i.kind == "validated") == [days[3]]  # 11 days old: outside
