@@ -61,6 +61,25 @@ class RowTable:
             self.tensor.index_copy_(0, rows.device, values[0])
 
 
+FUSED_ADAGRAD = hasattr(torch, "_fused_adagrad_")  # torch's fused CPU kernel (what Adagrad(fused=True) runs)
+_NO_STEP = torch.zeros(())  # the fused kernel's step count, only read for learning-rate decay (none here)
+
+
+def adagrad_(targets: list[Tensor], grads: list[Tensor], accs: list[Tensor], lr: float) -> None:
+    """In place: ``acc += g * g; target -= lr * g / sqrt(acc)`` (``acc`` stores the sum plus eps).
+
+    On CPU this is torch's fused Adagrad kernel with eps 0 (it adds eps outside the square root, and ours
+    is already inside ``acc``): one pass instead of three, ~2x faster on a step's rows. Elsewhere (the
+    fused kernel is CPU-only) multi-tensor ops.
+    """
+    if FUSED_ADAGRAD and targets[0].device.type == "cpu":
+        torch._fused_adagrad_(targets, grads, accs, [_NO_STEP] * len(targets), lr=lr, lr_decay=0.0,
+                              weight_decay=0.0, eps=0.0, maximize=False)
+        return
+    torch._foreach_addcmul_(accs, grads, grads)
+    torch._foreach_addcdiv_(targets, grads, torch._foreach_sqrt(accs), value=-lr)
+
+
 class AdagradM:
     def __init__(
         self,
@@ -105,15 +124,13 @@ class AdagradM:
             grads = [self.dense[i].grad for i in have]
         params = [self.dense[i] for i in have]
         accs = [self._acc[i] for i in have]
-        torch._foreach_addcmul_(accs, grads, grads)
-        denom = torch._foreach_sqrt(accs)  # sqrt(acc + eps): eps is in the stored accumulator
         if self.momentum:
             vels = [self._vel[i] for i in have]
             torch._foreach_mul_(vels, self.momentum)
-            torch._foreach_addcdiv_(vels, grads, denom, value=-self.lr)
+            adagrad_(vels, grads, accs, self.lr)
             torch._foreach_add_(params, vels)
         else:
-            torch._foreach_addcdiv_(params, grads, denom, value=-self.lr)
+            adagrad_(params, grads, accs, self.lr)
 
     def zero_grad(self) -> None:
         for p in self.dense:
@@ -146,16 +163,15 @@ class AdagradM:
             rows, current = table.index(distinct), None
         weights = table.take(rows) if current is None else (current[0].view(grad.shape), current[1])
         acc = acc_table.take(rows)
-        acc[0].addcmul_(grad, grad)
-        acc_table.put(rows, acc)
-        denom = acc[0].sqrt_()  # sqrt(acc + eps): eps is in the stored accumulator
         if self.momentum:
             vel = vel_table.take(rows)
-            vel[0].mul_(self.momentum).addcdiv_(grad, denom, value=-self.lr)
+            vel[0].mul_(self.momentum)
+            adagrad_([vel[0]], [grad], [acc[0]], self.lr)
             vel_table.put(rows, vel)
             weights[0].add_(vel[0])
         else:
-            weights[0].addcdiv_(grad, denom, value=-self.lr)
+            adagrad_([weights[0]], [grad], [acc[0]], self.lr)
+        acc_table.put(rows, acc)
         table.put(rows, weights)
 
     # -- checkpoints ---------------------------------------------------------------------------------

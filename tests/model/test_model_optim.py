@@ -87,3 +87,36 @@ def test_one_dimensional_tables_and_state_round_trip():
     opt.step_rows(bias, torch.tensor([4]), torch.tensor([0.5]))
     opt2.step_rows(clone, torch.tensor([4]), torch.tensor([0.5]))
     torch.testing.assert_close(bias, clone)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_fused_and_multi_tensor_updates_agree_with_the_formula(monkeypatch, fused):
+    """The CPU path runs torch's fused Adagrad kernel; other devices the multi-tensor ops: same numbers."""
+    from pipeline import optim
+
+    monkeypatch.setattr(optim, "FUSED_ADAGRAD", fused and optim.FUSED_ADAGRAD)
+    torch.manual_seed(3)
+    p = nn.Parameter(torch.randn(4, 3, dtype=torch.float64))
+    table = nn.Parameter(torch.randn(6, 3, dtype=torch.float64))
+    start, start_table = p.detach().numpy().copy(), table.detach().numpy().copy()
+    opt = AdagradM([p], [table], lr=LR, momentum=MOM)
+    grads = [np.random.default_rng(i).normal(size=(4, 3)) for i in range(3)]
+    for g in grads:
+        opt.step_dense([torch.tensor(g)])
+        opt.step_rows(table, torch.tensor([0, 1, 2, 3]), torch.tensor(g), unique=True)
+    np.testing.assert_allclose(p.detach().numpy(), _reference(start, grads), rtol=1e-6)
+    np.testing.assert_allclose(table.detach().numpy()[:4], _reference(start_table[:4], grads), rtol=1e-6)
+    np.testing.assert_array_equal(table.detach().numpy()[4:], start_table[4:])
+
+
+def test_optimizer_state_of_earlier_checkpoints_loads_as_plain_sums():
+    table = nn.Parameter(torch.zeros(3, 2))
+    opt = AdagradM([], [table], lr=LR, momentum=MOM)
+    opt.step_rows(table, torch.tensor([1]), torch.tensor([[1.0, 2.0]]))
+    state = opt.state_dict()
+    old_format = dict(state, rows=[state["rows"][0].clone()])
+    del old_format["acc_includes_eps"]
+    old_format["rows"][0][:, 0] -= EPS  # what the earlier code stored: the sums without eps
+    other = AdagradM([], [nn.Parameter(torch.zeros(3, 2))], lr=LR, momentum=MOM)
+    other.load_state_dict(old_format)
+    torch.testing.assert_close(other.state_dict()["rows"][0], state["rows"][0])

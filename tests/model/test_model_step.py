@@ -173,9 +173,11 @@ def test_a_planned_step_updates_the_model_like_the_autograd_step(mode, loss):
 @pytest.mark.parametrize("loss", ["cross-entropy", "bpr-max"])
 @pytest.mark.parametrize("mode", ["shared", "embedding"])
 def test_a_step_never_reads_back_from_the_device(monkeypatch, loss, mode):
-    """A profile of several steps, with the row gathers of a GPU (not the NumPy path of CPU tables): no
-    unique, no item()/float()/bool(), no .cpu()/.numpy()/.tolist(), no dtype or device copies."""
+    """A profile of several steps on the code path of a GPU (not the CPU-only NumPy row gathers and fused
+    Adagrad kernel, which reads its step count with item()): no unique, no item()/float()/bool(), no
+    .cpu()/.numpy()/.tolist(), no dtype or device copies."""
     monkeypatch.setattr(optim, "HOST_ROW_OPS", False)
+    monkeypatch.setattr(optim, "FUSED_ADAGRAD", False)
     cfg = tiny_config(layers=(8, 6), batch_size=6, n_sample=12, loss=loss, logq=1.0, elu_param=0.5, bpreg=1.0,
                       dropout_p_embed=0.2, dropout_p_hidden=0.3, constrained_embedding=mode == "shared",
                       embedding=5 if mode == "embedding" else 0)
