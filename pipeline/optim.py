@@ -23,7 +23,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-
 HOST_ROW_OPS = True  # CPU tables: gather/scatter rows with NumPy (tests switch it off to see the device path)
 
 Gathered = tuple[Tensor, "np.ndarray | None"]  # gathered rows, and the same memory as NumPy on the host path
