@@ -13,6 +13,11 @@ Two DAGs run on it:
   slot back between looks, until the partition lands), then the gpu worker is killed in the middle of its
   training and a fresh worker finishes the run from the checkpoint without duplicating anything.
 
+Last, ``python -m pipeline backfill`` retrains three past dates through Airflow's backfill (newest first, one at a
+time): a date whose test window the champion trained on is refused by the leakage guard; the same backfill again
+creates no run, and a forced one (``--rerun``) re-runs every task without registering, comparing, promoting or
+logging anything twice; ``python -m pipeline status`` then shows the backfill's runs (REST API and metadata DB agree).
+
 ``stack.sh up`` and ``stack.sh down`` run as separate processes, as people run them; after ``down`` no
 process of the stack may remain.
 
@@ -379,3 +384,139 @@ def test_a_run_past_its_deadline_alerts_by_email_and_webhook(stack: localstack.S
         assert inbox.mails[0].recipients == ["oncall@example.test"] and "kind: deadline_missed" in inbox.mails[0].body
         assert api.wait_for_run("deadline_probe", run_id, timeout=120)["state"] == "success"
     assert len(inbox.posts) == len(inbox.mails) == 1  # one alert per missed deadline
+
+
+# ---------------------------------------------------------------------------------------------
+# Backfill (python -m pipeline backfill -> Airflow's /api/v2/backfills): three past dates, then the same again
+
+BACKFILL_DAYS = ["2026-02-28", "2026-03-01", "2026-03-02"]
+# One trial of the module's small network: it must beat S-POP (an eligibility guard checked before the leakage one).
+BACKFILL_CONF = {"grid": {"learning_rate": [0.1]}}
+
+
+def _pipeline_cli(stack: localstack.StackState, *args: str, timeout: float = 900) -> dict:
+    """``python -m pipeline ARGS --stack HOME --json`` in its own process, as an operator runs it."""
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", *args, "--stack", stack.home, "--json"],
+        capture_output=True, text=True, timeout=timeout, cwd=HERE.parents[1],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def _schedule_daily(stack: localstack.StackState, api: localstack.AirflowAPI) -> None:
+    """Airflow backfills only DAGs with a schedule. A daily one whose start_date lies in the future: the scheduler
+    then makes no run of its own (there is no data for today here), while backfill runs, which Airflow gives
+    every task whatever the start_date, run as in production."""
+    path = Path(stack.home) / "pipeline-config.yaml"
+    config = yaml.safe_load(path.read_text())
+    config["airflow"] |= {"schedule": "@daily", "start_date": "2100-01-01"}
+    path.write_text(yaml.safe_dump(config))
+    api._request("PUT", f"/api/v2/parseDagFile/{api.get(f'/dags/{DAG}')['file_token']}")  # parse it now
+    probe = {"dag_id": DAG, "from_date": "2026-03-01T00:00:00+00:00", "to_date": "2026-03-01T00:00:00+00:00"}
+    deadline = time.monotonic() + 180
+    while True:  # until the serialized DAG a backfill reads has the schedule
+        try:
+            api.post("/backfills/dry_run", probe)
+            break
+        except localstack.StackError as exc:
+            assert "non-periodic" in str(exc) and time.monotonic() < deadline, f"DAG not re-parsed with a schedule: {exc}"
+        time.sleep(2)
+    api.patch(f"/dags/{DAG}", {"is_paused": False})  # backfill runs of a paused DAG wait
+
+
+def _summary(s3, day: str) -> dict:
+    return json.loads(s3.get_object(Bucket=localstack.BUCKET, Key=f"output/runs/dt={day}/summary.json")["Body"].read())
+
+
+def _registry_state(mlflow_client) -> dict:
+    """Versions (with their source runs), aliases, decision records and training runs of the backfilled dates."""
+    name = TrackingConfig().registered_model
+    experiment = mlflow_client.get_experiment_by_name(TrackingConfig().experiment).experiment_id
+    training = [r for d in BACKFILL_DAYS for r in mlflow_client.search_runs(  # one query per date: no OR in MLflow
+        [experiment], f"tags.`pipeline.kind` = 'training' and tags.`pipeline.run_key` LIKE '{DAG}/{d}/%'")]  # fmt: skip
+    return {
+        "versions": sorted((v.version, v.run_id) for v in mlflow_client.search_model_versions(f"name = '{name}'")),
+        "aliases": dict(mlflow_client.get_registered_model(name).aliases),
+        "decisions": sorted(r.info.run_id for r in mlflow_client.search_runs([experiment], "tags.`pipeline.kind` = 'promotion'")),
+        "training_runs": sorted((r.data.tags["pipeline.run_key"], r.info.status) for r in training),
+    }
+
+
+@pytest.mark.timeout(1200)
+def test_backfill_of_three_past_dates_is_idempotent_and_keeps_the_leakage_guard(
+    stack: localstack.StackState, clicks: str, s3, mlflow_client
+) -> None:
+    from pipeline import registry
+    from pipeline.decision import LEAKAGE_REASON, TimeWindow, leakage
+    from pipeline.generate import generate_clicks
+
+    api = stack.api()
+    api.wait_for_dag(DAG, timeout=120)
+    with pytest.MonkeyPatch.context() as mp:  # the days before the module's data: the earliest dates' windows
+        for key, value in stack.client_env().items():
+            mp.setenv(key, value)
+        # The module's seed: the same item catalogue and sequential patterns as the days after.
+        generate_clicks(CLICKS, days=3, start_date="2026-02-26", sessions_per_day=800, n_items=300, seed=3)
+    _schedule_daily(stack, api)
+    span = ["backfill", "--from", BACKFILL_DAYS[0], "--to", BACKFILL_DAYS[-1], "--conf", json.dumps(BACKFILL_CONF)]
+
+    # Newest date first, one at a time: each date meets the champion the one before left.
+    first = _pipeline_cli(stack, *span, "--backwards", "--wait", "900")
+    assert first["dates"] == BACKFILL_DAYS and first["completed"]
+    runs = {r["date"]: r for r in first["runs"]}
+    assert {d: (runs[d]["run_type"], runs[d]["state"]) for d in BACKFILL_DAYS} == {d: ("backfill", "success") for d in BACKFILL_DAYS}
+
+    # The leakage guard: a date whose test window the champion of the moment trained on is refused, and only then
+    # (checked against the champion's training window as the registry records it).
+    name = TrackingConfig().registered_model
+    refused, records = [], {}
+    for day in BACKFILL_DAYS:
+        decision = _summary(s3, day)["decision"]
+        assert decision["date"] == day and decision["candidates"], decision
+        assert "does not beat" not in decision["reason"], f"{day}: the candidate did not reach the leakage guard: {decision['reason']}"
+        records[day] = decision["record_run_id"]
+        if not decision["champion_version"]:
+            assert decision["action"] == "promoted", decision  # the first model of an empty registry
+            continue
+        tags = mlflow_client.get_model_version(name, decision["champion_version"]).tags
+        trained = TimeWindow(tags[registry.TAG_TRAIN_START], tags[registry.TAG_TRAIN_END])
+        seen = leakage(TimeWindow(**decision["test_window"]), trained)
+        assert (decision["action"] == "refused" and LEAKAGE_REASON in decision["reason"]) == (seen is not None), decision
+        if seen:
+            refused.append(day)
+    assert refused, "no backfilled date was refused: the leakage guard was not exercised"
+    before = _registry_state(mlflow_client)
+    assert len(before["training_runs"]) == 3 and {s for _, s in before["training_runs"]} == {"FINISHED"}
+
+    # The same backfill again: every date has a run, Airflow creates none.
+    again = _pipeline_cli(stack, *span, "--wait", "120")
+    assert again["dates"] == [] and again["completed"]
+    assert [(r["run_id"], r["state"]) for r in again["runs"]] == [(r["run_id"], r["state"]) for r in first["runs"]]
+
+    # Forced (--rerun: every task of every date runs again, 3 at a time): nothing registered, compared, moved or
+    # logged twice: the same versions, aliases, decision records and one training run per date.
+    rerun = _pipeline_cli(stack, *span, "--rerun", "--max-active-runs", "3", "--wait", "900")
+    assert rerun["dates"] == BACKFILL_DAYS and {r["state"] for r in rerun["runs"]} == {"success"}
+    for r in rerun["runs"]:
+        assert len(api.tries(DAG, r["run_id"], "promote")) == 2, "the date's promote task did not run again"
+        assert _summary(s3, r["date"])["decision"]["record_run_id"] == records[r["date"]]  # the recorded decision
+    assert _registry_state(mlflow_client) == before
+
+    # The status screen (REST API path) shows the backfill's runs, the champion and the decisions.
+    status = _pipeline_cli(stack, "status", "--runs", "20", timeout=300)["sections"]
+    assert {s: status[s]["error"] for s in status} == dict.fromkeys(status)
+    shown = {r["date"]: (r["run_type"], r["state"]) for r in status["runs"]["rows"]}
+    assert {d: shown.get(d) for d in BACKFILL_DAYS} == {d: ("backfill", "success") for d in BACKFILL_DAYS}
+    # The metadata DB (what status reads where no REST API is configured) holds the same runs.
+    from pipeline.status import AirflowSource, dag_runs
+
+    in_db = dag_runs(AirflowSource(db_url=localstack._postgres_url(stack.airflow_db, "postgresql+psycopg2")), DAG, 20)
+    assert [(r["run_id"], r["state"], r["date"]) for r in in_db] == [
+        (r["run_id"], r["state"], r["date"]) for r in status["runs"]["rows"]
+    ]
+    champion = next(m for m in status["models"]["rows"] if m["alias"] == "champion")
+    assert champion["version"] == before["aliases"]["champion"]
+    assert {d["date"] for d in status["decisions"]["rows"]} >= set(BACKFILL_DAYS)
