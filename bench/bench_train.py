@@ -9,7 +9,8 @@ Training speed is training events per wall-clock second (events in train_tr.tsv 
 validation excluded), the unit of the reference's figure (about 3,500 events/s on these 2 cores under
 load, 4,300 quiet). The machine is shared, so the script also prints the load average and events per
 CPU-second of this process (less sensitive to other processes than wall time), and runs the variants
-it compares back to back.
+it compares back to back. To compare two versions of the code, use bench/ab_train.py (whole processes,
+alternating); bench/bench_scale.py gives the figures at the size of a real day, bench/gpu_check.sh the GPU ones.
 """
 
 from __future__ import annotations

@@ -1,0 +1,80 @@
+"""Start-up of ``python -m pipeline train``: seconds from launching the process to its first training step.
+
+    .venv/bin/python bench/startup_train.py --old /tmp/main-before --runs 3
+
+Each run launches ``python -m pipeline train`` (RSC15 row, ../shared/data/yoochoose-100k/train_tr.tsv) in a fresh
+process of one checkout, with a small wrapper that notes the time when ``Trainer._step`` is first called and
+ends the process there. Checkouts alternate. Also times ``python -m pipeline --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get("PIPELINE_SHARED_DATA", REPO.parent / "shared" / "data")) / "yoochoose-100k"
+# Runs the CLI; the first call of Trainer._step prints the seconds since launch and exits.
+WRAPPER = """
+import os, sys, time
+import pipeline.train as T
+first = T.Trainer._step
+def _step(self, *a, **k):
+    print(f"FIRST_STEP {time.time() - float(os.environ['LAUNCHED_AT']):.3f}", flush=True)
+    os._exit(0)
+T.Trainer._step = _step
+from pipeline.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+RSC15 = ["loss=cross-entropy", "layers=[100]", "batch_size=32", "dropout_p_hidden=0.4", "learning_rate=0.2",
+         "momentum=0.2", "sample_alpha=0.5", "logq=1.0", "n_epochs=1"]
+
+
+def first_step_seconds(checkout: Path) -> float:
+    with tempfile.TemporaryDirectory() as out:
+        cmd = [sys.executable, "-c", WRAPPER, "train", "--train", str(DATA / "train_tr.tsv"), "--out", out,
+               "--device", "cpu", "--set", *RSC15]
+        env = os.environ | {"PYTHONPATH": str(checkout), "LAUNCHED_AT": repr(time.time())}
+        res = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, check=False)
+    lines = [line for line in res.stdout.splitlines() if line.startswith("FIRST_STEP")]
+    if not lines:
+        raise RuntimeError(f"{checkout}: no training step reached\n{res.stderr[-2000:]}")
+    return float(lines[0].split()[1])
+
+
+def help_seconds(checkout: Path) -> float:
+    began = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "pipeline", "--help"], cwd=checkout, env=os.environ | {"PYTHONPATH": str(checkout)},
+                   check=True, capture_output=True)
+    return time.perf_counter() - began
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--old", type=Path, required=True)
+    p.add_argument("--new", type=Path, default=REPO)
+    p.add_argument("--runs", type=int, default=3)
+    args = p.parse_args()
+    times: dict[str, list[float]] = {"old": [], "new": []}
+    helps: dict[str, list[float]] = {"old": [], "new": []}
+    for i in range(args.runs):
+        sides = [("old", args.old), ("new", args.new)]
+        for side, checkout in sides if i % 2 == 0 else sides[::-1]:
+            times[side].append(first_step_seconds(checkout.resolve()))
+            helps[side].append(help_seconds(checkout.resolve()))
+            print(f"round {i + 1} {side}: first step at {times[side][-1]:.2f} s, --help {helps[side][-1]:.2f} s "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+    for side in ("old", "new"):
+        print(f"{side}: first step median {statistics.median(times[side]):.2f} s "
+              f"({', '.join(f'{t:.2f}' for t in times[side])}); --help median {statistics.median(helps[side]):.2f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
