@@ -21,8 +21,9 @@ logging anything twice; ``python -m pipeline status`` then shows the backfill's 
 ``stack.sh up`` and ``stack.sh down`` run as separate processes, as people run them; after ``down`` no
 process of the stack may remain.
 
-About 6 minutes on 2 cores: stack start ~30 s, probe runs ~25 s + ~70 s, real runs ~100 s + ~130 s (each
-crash waits ~30 s for the scheduler's heartbeat timeout to notice the dead worker), teardown ~20 s.
+About 10 minutes on 2 cores (588 s measured): stack start ~35 s, probe runs ~20 s + ~60 s, real runs ~60 s + ~100 s
+(each crash waits ~30 s for the scheduler's heartbeat timeout to notice the dead worker), deadline ~30 s, backfill
+~275 s (three runs one at a time, then the forced re-run three at a time), teardown ~10 s.
 """
 
 from __future__ import annotations
