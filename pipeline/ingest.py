@@ -495,28 +495,35 @@ def _iso_times(arr: pa.Array) -> pa.Array:
     return pc.coalesce(with_zone, without)
 
 
-def text_times(arr: pa.ChunkedArray, unit: str, iso: bool | None) -> tuple[pa.ChunkedArray, np.ndarray] | None:
-    """Timestamps from text, per value: ``(times, bad mask)``; None when no value parses at all.
+def text_times(
+    arr: pa.ChunkedArray, unit: str, iso: bool | None
+) -> tuple[pa.ChunkedArray, np.ndarray, bool] | None:
+    """Timestamps from text, per value: ``(times, bad mask, whether ISO-8601)``; None when no value parses.
 
     ``iso``: True for ISO-8601 text, False for numbers in ``unit`` (``s``, ``ms``, ``us``), None for whichever
-    most values are. A value of the other kind, or one that does not parse, is null and flagged bad.
+    most values are (guessed from the first values, checked on all). A value of the other kind, or one that
+    does not parse, is null and flagged bad.
     """
     def numbers(a: pa.Array) -> pa.ChunkedArray:
         return _numbers_to_timestamp(pa.chunked_array([a.cast(pa.float64())]), TIMESTAMP_UNITS[unit])
 
+    def parse(as_iso: bool) -> tuple[pa.Array, np.ndarray]:
+        return convert_values(whole, _iso_times if as_iso else numbers, ISO_TEXT if as_iso else NUMBER_TEXT)
+
     whole = arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
     present = len(whole) - whole.null_count
-    if iso is None and present:  # whichever kind every value is, else the one most values are (a full scan)
-        for convert in (numbers, _iso_times):
-            try:
-                return _chunked(convert(whole)).cast(TIMESTAMP_TYPE), np.zeros(len(whole), dtype=bool)
-            except _CONVERSION_ERRORS:
-                pass
-        iso = 2 * (pc.sum(pc.match_substring_regex(whole, NUMBER_TEXT)).as_py() or 0) <= present
-    times, bad = convert_values(whole, _iso_times if iso else numbers, ISO_TEXT if iso else NUMBER_TEXT)
+    guessed = iso is None
+    if guessed:  # a failing cast of a whole column costs as much as a good one: guess the kind first
+        head = whole.drop_null().slice(0, 1000)
+        iso = 2 * (pc.sum(pc.match_substring_regex(head, NUMBER_TEXT)).as_py() or 0) <= len(head)
+    times, bad = parse(iso)
+    if guessed and 2 * int(bad.sum()) > present:  # the first values were not typical: try the other kind
+        other, other_bad = parse(not iso)
+        if other_bad.sum() < bad.sum():
+            times, bad, iso = other, other_bad, not iso
     if present and int(bad.sum()) == present:
         return None
-    return _chunked(times).cast(TIMESTAMP_TYPE), bad
+    return _chunked(times).cast(TIMESTAMP_TYPE), bad, iso
 
 
 def _as_timestamp(arr: pa.ChunkedArray, unit: str) -> pa.ChunkedArray | None:
@@ -768,8 +775,8 @@ def _text_time_column(
             SchemaProblem(uri, TIMESTAMP, "column_type", f"{source!r} holds no {kind}, e.g. {sample!r}")
         )
         return arr
-    times, bad = parsed
-    if iso is not True:  # numbers (or possibly numbers): a file of milliseconds read as seconds is an error
+    times, bad, as_iso = parsed
+    if not as_iso:  # numbers: a file of milliseconds read as seconds is an error
         check_timestamp_unit(uri, source, times, unit, lambda: pc.if_else(pa.array(bad), None, arr))
     lines.flag("bad_timestamp", bad & ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool))
     return times
