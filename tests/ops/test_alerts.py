@@ -67,8 +67,9 @@ def _validated(tmp_path: Path, corruption: dict[str, float]) -> tuple[str, Valid
     return out, None
 
 
-def _record_decisions(cfg: PipelineConfig, actions: list[str]) -> None:
-    """Decision records as pipeline.registry logs them (kind=promotion, decision and reason tags), oldest first."""
+def _record_decisions(cfg: PipelineConfig, actions: list[str], model: str | None = None) -> None:
+    """Decision records as pipeline.registry logs them (kind=promotion, registered model, decision and reason
+    tags), oldest first; ``model``: another registered model's records."""
     import time
 
     import mlflow
@@ -82,6 +83,7 @@ def _record_decisions(cfg: PipelineConfig, actions: list[str]) -> None:
             experiment,
             start_time=int(time.time() * 1000) + i,
             tags={tracking.TAG_KIND: "promotion", registry.TAG_DECISION: action,
+                  registry.TAG_RECORD_MODEL: model or cfg.tracking.registered_model,
                   registry.TAG_REASON: f"decision {i}: {action}"},
         )  # fmt: skip
         client.set_terminated(run.info.run_id, "FINISHED")
@@ -114,6 +116,7 @@ def test_every_alert_kind_arrives_by_email_and_webhook(
     # 4. the champion stayed in place for 3 decisions (MLflow records; an older promotion ends the streak)
     # ("unchanged": a re-run's no-op, neither counts nor ends the streak)
     _record_decisions(cfg, ["challenger", "promoted", "challenger", "unchanged", "refused", "challenger"])
+    _record_decisions(cfg, ["promoted"], model="another-model")  # another model's decision is not counted
     decisions = alerts.recent_decisions(cfg, 10)
     assert [d.action for d in decisions] == [
         "challenger",
