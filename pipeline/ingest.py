@@ -729,10 +729,11 @@ def _read_csv(
             f"{'the header' if has_header else 'the format'} (first line {bad.lines[0][1][:120]!r}); "
             f"check the delimiter and the format"
         )
-    # A malformed line's data-row number: its line less the header lines (blank lines are not counted).
+    # Arrow numbers lines without the blank ones it skips: a malformed line's data-row number is its number
+    # less the header's, and line numbers here (``source_line``) count non-blank lines.
     numbered = sorted((int(number), text) for number, text in bad.lines)  # type: ignore[arg-type]
+    n = cells.num_rows + len(numbered)
     malformed = [(line - first_line, line, text) for line, text in numbered]
-    n = cells.num_rows + len(malformed)
     rows = np.delete(np.arange(n, dtype=np.int64), [m[0] for m in malformed]) if malformed else np.arange(n)
     table, decode_bad = {}, np.zeros(cells.num_rows, dtype=bool)
     for name in cells.column_names:

@@ -61,7 +61,7 @@ QUARANTINE_EXTRA = pa.schema(
     ]
 )
 """Columns the quarantine adds to the canonical ones: the failed rule(s), the input file, its data row (0-based,
-bad lines counted), its line in a text file (1-based; null for Parquet) and, for a line that could not be read
+bad lines counted), its line in a text file (1-based, blank lines not counted; null for Parquet) and, for a line that could not be read
 into the canonical columns, its text (bounded): the line itself when it is malformed, else the cells read from it."""
 
 QUARANTINE_SCHEMA = pa.schema(list(EVENT_SCHEMA) + list(QUARANTINE_EXTRA))

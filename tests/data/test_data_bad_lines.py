@@ -273,3 +273,13 @@ def test_non_data_files_in_a_partition_are_skipped_and_listed(tmp_path: Path) ->
     skipped = sorted(Path(f).name for f in report["skipped_files"])
     assert skipped == [".clicks.tsv.crc", "README.txt", "_SUCCESS", "manifest.json"]
     assert report["batches"][0]["files"] == [str(folder / "clicks.tsv")]
+
+
+def test_blank_lines_before_a_malformed_last_line(tmp_path: Path) -> None:
+    """Blank lines are not data lines: skipped, not counted, and line numbers count non-blank lines."""
+    lines = _good_lines("gru4rec")[:100] + [b"", b""] + _good_lines("gru4rec")[100:] + [b"", b"s1\ti1"]
+    report = _validate(tmp_path, _write_day(tmp_path, "gru4rec", lines), "gru4rec")
+    assert report["success"] and (report["rows_in"], report["rows_valid"]) == (GOOD_ROWS + 1, GOOD_ROWS)
+    [row] = _quarantine(tmp_path, report)
+    non_blank = sum(1 for line in lines if line) + 1  # the header
+    assert (row["reason"], row["source_line"], row["raw"]) == ("malformed_row", non_blank, "s1\ti1")
