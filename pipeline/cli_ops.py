@@ -37,27 +37,24 @@ def register(subparsers: Any) -> None:
         type=dt.date.fromisoformat,
         help="age outputs as of this day, YYYY-MM-DD (default: today, UTC)",
     )
-    retention.add_argument("--config", help="YAML/JSON pipeline config file (default: $PIPELINE_CONFIG)")
-    retention.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.NAME=VALUE",
-        help="override one setting, e.g. --set retention.datasets_days=7 (repeatable)",
-    )
+    _config_args(retention, example=" --set retention.datasets_days=7")
     retention.set_defaults(handler=_retention)
     _register_status(subparsers)
     _register_backfill(subparsers)
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    """--config / --set as every command has them, and --stack for the process stack's Airflow/MLflow/S3."""
+def _config_args(parser: argparse.ArgumentParser, example: str = "") -> None:
+    """--config / --set as every command here has them."""
     parser.add_argument("--config", help="YAML/JSON pipeline config file (default: $PIPELINE_CONFIG)")
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.NAME=VALUE",
-        help="override one setting (repeatable)",
+        help=f"override one setting{', e.g.' + example if example else ''} (repeatable)",
     )  # fmt: skip
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    """--config / --set, and --stack for the process stack's Airflow/MLflow/S3."""
+    _config_args(parser)
     parser.add_argument(
         "--stack", metavar="DIR",
         help="the process stack started by `infra/local/stack.sh up` (its folder, e.g. .local/stack): its Airflow "
