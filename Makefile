@@ -28,8 +28,11 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m "not slow and not stack"
 
+## Style, types and the layer contract (pyproject.toml: [tool.ruff], [tool.mypy], [tool.importlinter]).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline dags tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) bench/bench_preprocess.py

@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_preprocess.py --repeat 3 --format parquet       # 10M events, Parquet logs
     .venv/bin/python bench/bench_preprocess.py --events 1000000                  # a quick run
 
-1. Generates a click log once per size/seed/format (``pipeline.generate``: 10 daily partitions, a little
+1. Generates a click log once per size/seed/format (``pipeline.data.generate``: 10 daily partitions, a little
    injected corruption of every kind); not timed. ``--format csv`` (default) are raw text logs as the public
    GRU4Rec preprocessing scripts read them; ``--format parquet`` the same events as Parquet.
 2. Runs each variant in its own child process, side by side in one run: ``pipeline`` (``python -m pipeline
@@ -252,7 +252,7 @@ def _measure(variant: str, inputs: list[str], out: Path) -> dict:
 def _compare(a: Path, b: Path) -> list[str]:
     import pyarrow.parquet as pq
 
-    from pipeline.schema import ITEMS_SCHEMA, SPLIT_SCHEMA
+    from pipeline.data.schema import ITEMS_SCHEMA, SPLIT_SCHEMA
 
     problems = []
     for name in ("train", "valid", "test", "items"):
@@ -292,7 +292,7 @@ def main() -> int:
         _child(args.child, args.inputs, Path(args.out), Path(args.result))
         return 0
 
-    from pipeline.generate import generate_clicks
+    from pipeline.data.generate import generate_clicks
 
     work = Path(args.workdir)
     data = work / f"clicks-{args.events}-{args.days}d-seed{args.seed}-{args.format}"

@@ -46,8 +46,8 @@ def case_train(n_events: int, n_items: int, steps: int) -> dict:
     from bench_train import ROWS
 
     from pipeline.config import GRU4RecConfig
-    from pipeline.predict import build_model
-    from pipeline.train import Trainer, _DeviceSchedule, build_schedule
+    from pipeline.model.predict import build_model
+    from pipeline.model.train import Trainer, _DeviceSchedule, build_schedule
 
     torch.set_num_threads(1)
     items, offsets = synthetic_sessions(n_events, n_items)
@@ -89,8 +89,8 @@ def case_eval(n_predictions: int, n_items: int) -> dict:
     import pyarrow as pa
     import torch
 
-    from pipeline.evaluate import ItemMap, evaluate, index_sessions, read_log
-    from pipeline.model import GRU4Rec
+    from pipeline.model.evaluate import ItemMap, evaluate, index_sessions, read_log
+    from pipeline.model.network import GRU4Rec
 
     torch.set_num_threads(1)
     length = 6  # 5 predictions per session

@@ -37,7 +37,7 @@ ROWS = {
 
 def bench_training(row: str, epochs: int, threads: int, device: str) -> dict:
     from pipeline.config import GRU4RecConfig
-    from pipeline.train import train
+    from pipeline.model.train import train
 
     config = GRU4RecConfig(**ROWS[row], n_epochs=epochs)
     load_before = os.getloadavg()[0]
@@ -67,9 +67,9 @@ def bench_evaluation(device: str, repeats: int = 3) -> list[dict]:
     import pyarrow as pa
     import torch
 
-    from pipeline.evaluate import ItemMap, evaluate, index_sessions, read_log
-    from pipeline.model import GRU4Rec
-    from pipeline.predict import resolve_device
+    from pipeline.model.evaluate import ItemMap, evaluate, index_sessions, read_log
+    from pipeline.model.network import GRU4Rec
+    from pipeline.model.predict import resolve_device
 
     dev = resolve_device(device)
     out = []
@@ -108,9 +108,9 @@ def profile_steps(row: str, steps: int, threads: int) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     from pipeline.config import GRU4RecConfig
-    from pipeline.evaluate import build_item_map, index_sessions, read_log
-    from pipeline.predict import build_model
-    from pipeline.train import Trainer, _DeviceSchedule, build_schedule
+    from pipeline.model.evaluate import build_item_map, index_sessions, read_log
+    from pipeline.model.predict import build_model
+    from pipeline.model.train import Trainer, _DeviceSchedule, build_schedule
 
     torch.set_num_threads(threads)
     config = GRU4RecConfig(**ROWS[row])

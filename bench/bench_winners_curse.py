@@ -2,13 +2,13 @@
 
 Per repetition: a champion's per-prediction values and N trials that only add zero-mean noise (none is
 better). Rules compared: the best trial on test with its raw paired-bootstrap p-value (the old rule),
-Holm over all trials (pipeline.decision.holm_winner, used without a valid split), and a trial selected on
+Holm over all trials (pipeline.tracking.decision.holm_winner, used without a valid split), and a trial selected on
 validation (independent of the test noise, so any trial) with its raw p-value (the rule with a valid
 split). Run: ``.venv/bin/python bench/bench_winners_curse.py`` (about 1.5 min on 2 cores).
 """
 import numpy as np
 
-from pipeline.decision import Rules, holm_winner, judge, paired_bootstrap
+from pipeline.tracking.decision import Rules, holm_winner, judge, paired_bootstrap
 
 rng = np.random.default_rng(0)
 N, n, reps, samples = 8, 1000, 1000, 500

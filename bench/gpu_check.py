@@ -31,9 +31,9 @@ def _trainer(row: str, batch_size: int, device):
     from bench_train import ROWS
 
     from pipeline.config import GRU4RecConfig
-    from pipeline.evaluate import build_item_map, index_sessions, read_log
-    from pipeline.predict import build_model
-    from pipeline.train import Trainer, _DeviceSchedule, build_schedule
+    from pipeline.model.evaluate import build_item_map, index_sessions, read_log
+    from pipeline.model.predict import build_model
+    from pipeline.model.train import Trainer, _DeviceSchedule, build_schedule
 
     config = GRU4RecConfig(**(ROWS[row] | {"batch_size": batch_size}))
     log = read_log(DATA / "train_tr.tsv")
@@ -69,8 +69,8 @@ def check_evaluation_syncs(device) -> str:
     import pyarrow as pa
     import torch
 
-    from pipeline.evaluate import ItemMap, evaluate, index_sessions, read_log
-    from pipeline.model import GRU4Rec
+    from pipeline.model.evaluate import ItemMap, evaluate, index_sessions, read_log
+    from pipeline.model.network import GRU4Rec
 
     n_items = 5000
     item_map = ItemMap.from_ids([str(i) for i in range(n_items)], np.arange(1, n_items + 1))
@@ -119,8 +119,8 @@ def evaluation_speed(device, n_items: int, n_predictions: int) -> dict:
     import pyarrow as pa
     import torch
 
-    from pipeline.evaluate import ItemMap, evaluate, index_sessions, read_log
-    from pipeline.model import GRU4Rec
+    from pipeline.model.evaluate import ItemMap, evaluate, index_sessions, read_log
+    from pipeline.model.network import GRU4Rec
 
     length = 6  # 5 predictions per session
     n_sessions = n_predictions // (length - 1)

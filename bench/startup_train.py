@@ -23,13 +23,13 @@ DATA = Path(os.environ.get("PIPELINE_SHARED_DATA", REPO.parent / "shared" / "dat
 # Runs the CLI; the first call of Trainer._step prints the seconds since launch and exits.
 WRAPPER = """
 import os, sys, time
-import pipeline.train as T
+import pipeline.model.train as T
 first = T.Trainer._step
 def _step(self, *a, **k):
     print(f"FIRST_STEP {time.time() - float(os.environ['LAUNCHED_AT']):.3f}", flush=True)
     os._exit(0)
 T.Trainer._step = _step
-from pipeline.cli import main
+from pipeline.cli.main import main
 sys.exit(main(sys.argv[1:]))
 """
 RSC15 = ["loss=cross-entropy", "layers=[100]", "batch_size=32", "dropout_p_hidden=0.4", "learning_rate=0.2",

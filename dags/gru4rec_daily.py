@@ -26,9 +26,9 @@ when it is better than the model in production.
 6. **summary**: the decision, metrics vs champion and baselines and links to the MLflow runs, in the
    task log and as this DAG run's note.
 7. **watch**: warns when a day's quarantined share is above `alerts.quarantine_warn_share` or the
-   champion stayed in place for `alerts.champion_stale_runs` decisions in a row (pipeline/alerts.py).
+   champion stayed in place for `alerts.champion_stale_runs` decisions in a row (pipeline/flow/alerts.py).
 8. **retention**: deletes outputs older than the `retention.*_days` ages, never what `@champion` /
-   `@challenger` were built from (pipeline/retention.py; `python -m pipeline retention --dry-run`).
+   `@challenger` were built from (pipeline/flow/retention.py; `python -m pipeline retention --dry-run`).
 
 **Alerts** (e-mail and/or a JSON webhook, `alerts:` in the config; none by default): a task failed after
 its last retry, a validation failure (report + top quarantine reasons), a run not finished
@@ -44,7 +44,7 @@ Deployment settings (data/output roots, queue, pool, retries, schedule) come fro
 config file named by `PIPELINE_CONFIG` (section `airflow:`) and `PIPELINE_DATA_URI` /
 `PIPELINE_OUTPUT_URI` / `MLFLOW_TRACKING_URI`. The `gpu` pool must exist
 (`airflow pools set gpu 1 "GPU trainers"`) and a Celery worker must listen on the queue
-(`airflow celery worker -q gpu`). All logic lives in `pipeline/tasks.py`.
+(`airflow celery worker -q gpu`). All logic lives in `pipeline/flow/tasks.py`.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ from typing import Any
 
 from airflow.sdk import Asset, Param, PokeReturnValue, dag, get_current_context, task
 
-from pipeline import alerts, tasks
+from pipeline.flow import alerts, tasks
 
 SETTINGS = tasks.dag_settings()
-CONFIG = tasks.load_pipeline_config()  # alert channels and the deadline (pipeline.alerts)
+CONFIG = tasks.load_pipeline_config()  # alert channels and the deadline (pipeline.flow.alerts)
 SESSION_DATASET = Asset(name=SETTINGS.dataset_asset[0], uri=SETTINGS.dataset_asset[1])
 
 
@@ -112,7 +112,7 @@ def _as_list(mapped_results: Any) -> list[Any]:
             {},
             type="object",
             description='Random search instead of the grid: {"n_trials": 4, "seed": 0, "space": {...}} '
-            "(space: pipeline.tune's format; default: its built-in space). Empty = use the grid.",
+            "(space: pipeline.model.tune's format; default: its built-in space). Empty = use the grid.",
         ),
         "gru4rec": Param(
             {},
@@ -194,7 +194,7 @@ def gru4rec_daily() -> None:
 
     @task
     def retention(run: dict[str, Any]) -> dict[str, Any]:
-        from pipeline.retention import retention_task
+        from pipeline.flow.retention import retention_task
 
         return retention_task(run)
 

@@ -25,7 +25,7 @@ T = TypeVar("T")
 class IngestConfig:
     """How raw click logs are read."""
 
-    format: str | None = None  # None = detect; see pipeline.ingest.FORMATS
+    format: str | None = None  # None = detect; see pipeline.data.ingest.FORMATS
     session_gap_minutes: float = 30.0  # inactivity gap used to sessionize user-only logs
     column_map: dict[str, str] = field(default_factory=dict)  # canonical name -> source column (generic CSV/Parquet)
     delimiter: str | None = None  # generic CSV only; None = detect from the extension
@@ -107,7 +107,7 @@ class GRU4RecConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Full-ranking evaluation (pipeline.evaluate); memory is bounded by ranking sessions in chunks."""
+    """Full-ranking evaluation (pipeline.model.evaluate); memory is bounded by ranking sessions in chunks."""
 
     cutoffs: tuple[int, ...] = (1, 5, 10, 20)
     ties: str = "conservative"  # conservative | standard | median
@@ -118,7 +118,7 @@ class TrackingConfig:
     """MLflow tracking, registry and promotion rules.
 
     The tracking server comes from ``MLFLOW_TRACKING_URI``; without it runs go to an embedded SQLite store
-    under ``$PIPELINE_HOME`` (see ``pipeline.tracking.tracking_uri``).
+    under ``$PIPELINE_HOME`` (see ``pipeline.tracking.runs.tracking_uri``).
     """
 
     experiment: str = "gru4rec-pipeline"
@@ -175,7 +175,7 @@ class AirflowConfig:
 
 @dataclass(frozen=True)
 class AlertsConfig:
-    """Who is told, and when (pipeline/alerts.py). No channel is configured by default: nothing is sent.
+    """Who is told, and when (pipeline/flow/alerts.py). No channel is configured by default: nothing is sent.
 
     Channels are Airflow connections: an SMTP connection (the SMTP provider's notifier) and an HTTP
     connection for a JSON webhook (Slack/Teams/PagerDuty-style endpoints).
@@ -199,7 +199,7 @@ class AlertsConfig:
 
 @dataclass(frozen=True)
 class RetentionConfig:
-    """How long outputs are kept (pipeline/retention.py), in days by the dt=YYYY-MM-DD of the output; 0 = forever.
+    """How long outputs are kept (pipeline/flow/retention.py), in days by the dt=YYYY-MM-DD of the output; 0 = forever.
 
     Whatever the current @champion / @challenger were built from is never deleted, whatever its age.
     """

@@ -43,7 +43,7 @@ def diginetica(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A real SeaweedFS S3 server on 127.0.0.1 for the whole session, with a ``pipeline-test`` bucket."""
-    from pipeline import s3server
+    from pipeline.stack import s3server
 
     server = s3server.start(tmp_path_factory.mktemp("seaweedfs"))
     try:
@@ -64,7 +64,7 @@ def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database on 127.0.0.1:5432 (user postgres), dropped afterwards."""
-    from pipeline.localstack import scratch_database
+    from pipeline.stack.local import scratch_database
 
     with scratch_database("pipeline_test") as url:
         yield url

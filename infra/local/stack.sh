@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The deployment's topology as local processes (see pipeline/localstack.py and infra/README.md):
+# The deployment's topology as local processes (see pipeline/stack/local.py and infra/README.md):
 #   infra/local/stack.sh [--home DIR] up [--bundle NAME=DIR] [--env KEY=VALUE] [--gpu-pool-slots N]
 #   infra/local/stack.sh [--home DIR] status | env | down
 # Uses the repo's venv (make install); PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379 must run.
@@ -11,4 +11,4 @@ if [[ ! -x "$PY" ]]; then
   exit 2
 fi
 cd "$ROOT"
-exec "$PY" -m pipeline.localstack "$@"
+exec "$PY" -m pipeline.stack.local "$@"

@@ -22,7 +22,7 @@ DAGS = REPO / "dags"
 @pytest.fixture(scope="session")
 def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Point Airflow at a fresh SQLite metadata DB (``airflow db migrate`` once) for the whole session."""
-    from pipeline import demo
+    from pipeline.flow import demo
 
     home = tmp_path_factory.mktemp("airflow")
     env = demo.airflow_env(home, DAGS)

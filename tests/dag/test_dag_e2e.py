@@ -25,8 +25,8 @@ import pyarrow.dataset as ds
 import pytest
 import yaml
 
-from pipeline import demo
-from pipeline.generate import generate_clicks
+from pipeline.data.generate import generate_clicks
+from pipeline.flow import demo
 
 DAY = dt.date(2026, 3, 1)
 CONFIG = {
@@ -72,8 +72,8 @@ def mlflow_state() -> dict[str, Any]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from pipeline import tracking
     from pipeline.config import TrackingConfig
+    from pipeline.tracking import runs as tracking
 
     experiment = tracking.configure(TrackingConfig())
     client = mlflow.MlflowClient()

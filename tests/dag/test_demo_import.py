@@ -1,4 +1,4 @@
-"""The demo's import of one log file into daily Parquet partitions (pipeline.demo.import_by_day): what the
+"""The demo's import of one log file into daily Parquet partitions (pipeline.flow.demo.import_by_day): what the
 source format implies travels in the Parquet metadata, and malformed lines are set aside, not fatal."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline import demo
 from pipeline.config import IngestConfig, ValidationConfig
-from pipeline.validate import validate
+from pipeline.data.validate import validate
+from pipeline.flow import demo
 
 # Diginetica: a session's views in no particular time order (timeframe = ms since the session started),
 # and one line cut short by a crashed writer.

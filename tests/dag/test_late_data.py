@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline import demo
-from pipeline.generate import generate_clicks
+from pipeline.data.generate import generate_clicks
+from pipeline.flow import demo
 
 DAY = dt.date(2026, 3, 1)
 RUN_DAY = DAY + dt.timedelta(days=2)

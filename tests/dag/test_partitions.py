@@ -1,4 +1,4 @@
-"""The late-data sensor's logic (pipeline.partitions) without Airflow: when a partition is ready, the wait
+"""The late-data sensor's logic (pipeline.data.partitions) without Airflow: when a partition is ready, the wait
 record, and the failure message after the timeout. The sensor itself runs in test_late_data.py."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import partitions
 from pipeline.config import AirflowConfig
+from pipeline.data import partitions
 from pipeline.errors import ConfigError, InputError
 
 T0 = dt.datetime(2026, 3, 4, 0, 5, tzinfo=dt.UTC)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import tasks
 from pipeline.errors import ConfigError, InputError
+from pipeline.flow import tasks
 
 LOGICAL = dt.datetime(2026, 3, 5, tzinfo=dt.UTC)
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.schema import EVENT_SCHEMA
+from pipeline.data.schema import EVENT_SCHEMA
 
 DAY = dt.date(2024, 3, 10)
 

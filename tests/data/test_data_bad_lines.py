@@ -17,10 +17,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import ingest
 from pipeline.config import IngestConfig, ValidationConfig
+from pipeline.data import ingest
+from pipeline.data.validate import validate
 from pipeline.errors import ValidationFailed
-from pipeline.validate import validate
 
 DAY = dt.date(2024, 3, 10)
 GOOD_ROWS = 200  # one bad line of 201 is 0.5%, under the default max_quarantine_share of 1%

@@ -1,4 +1,4 @@
-"""pipeline.generate: deterministic daily partitions with learnable structure and known corruption."""
+"""pipeline.data.generate: deterministic daily partitions with learnable structure and known corruption."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import ingest
+from pipeline.data import ingest
+from pipeline.data.generate import generate_clicks, make_catalogue
 from pipeline.errors import ConfigError
-from pipeline.generate import generate_clicks, make_catalogue
 
 
 def test_partitions_are_deterministic_and_readable(tmp_path: Path, tree_digest) -> None:

@@ -1,4 +1,4 @@
-"""pipeline.ingest: every supported format into the canonical schema, and clear errors for unreadable input."""
+"""pipeline.data.ingest: every supported format into the canonical schema, and clear errors for unreadable input."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import ingest
 from pipeline.config import IngestConfig
+from pipeline.data import ingest
+from pipeline.data.schema import EVENT_SCHEMA
 from pipeline.errors import ConfigError, InputError
-from pipeline.schema import EVENT_SCHEMA
 
 
 def _us(table: pa.Table) -> list[int]:

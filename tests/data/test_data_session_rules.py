@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from pipeline import sessions
 from pipeline.config import BuildConfig, IngestConfig, ValidationConfig
-from pipeline.validate import validate
+from pipeline.data import sessions
+from pipeline.data.validate import validate
 
 DAYS = [dt.date(2024, 3, 10) + dt.timedelta(days=k) for k in range(4)]
 LIMIT = ValidationConfig(max_session_length=20)
@@ -119,7 +119,7 @@ def test_stale_work_folders_are_swept_and_fresh_ones_kept(tmp_path: Path, write_
 
 
 def test_a_terminated_build_removes_its_work_folder(tmp_path: Path) -> None:
-    from pipeline.generate import generate_clicks
+    from pipeline.data.generate import generate_clicks
 
     data = tmp_path / "clicks"
     generate_clicks(str(data), days=3, sessions_per_day=60_000, seed=1)

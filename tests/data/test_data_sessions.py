@@ -1,4 +1,4 @@
-"""pipeline.sessions: ordering, filtering, temporal split, item index, atomic and reproducible datasets."""
+"""pipeline.data.sessions: ordering, filtering, temporal split, item index, atomic and reproducible datasets."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from pipeline import sessions
 from pipeline.config import BuildConfig
+from pipeline.data import sessions
+from pipeline.data.schema import ITEMS_SCHEMA, SPLIT_SCHEMA
 from pipeline.errors import InputError
-from pipeline.schema import ITEMS_SCHEMA, SPLIT_SCHEMA
 
 T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
 OFF = BuildConfig(test_days=0, valid_days=0, min_session_length=0, min_item_support=0)
@@ -171,7 +171,7 @@ def test_session_moved_by_filtering_crosses_buckets(events, tiny_buckets: BuildC
     config = BuildConfig(test_days=0, valid_days=0, min_session_length=2, min_item_support=2)
     expected = [f"b{k:02d}" for k in range(30) for _ in range(2)] + ["a", "a"]
     in_memory = sessions.build_splits(events(rows), config)
-    with caplog.at_level("INFO", logger="pipeline.sessions"):
+    with caplog.at_level("INFO", logger="pipeline.data.sessions"):
         bucketed = sessions.build_splits(events(rows), _bucketed(config, tiny_buckets))
     assert "buckets" in caplog.text and "spilled" in caplog.text  # it really ran in several buckets, on disk
     assert in_memory.train.column("session_id").to_pylist() == expected
@@ -217,7 +217,7 @@ def test_yoochoose_bucketed_equals_in_memory(yoochoose, tmp_path: Path, tiny_buc
 
 
 def test_array_store_spills_over_budget_and_cleans_up(tmp_path: Path) -> None:
-    from pipeline.spill import ArrayStore
+    from pipeline.data.spill import ArrayStore
 
     a, b = np.arange(100, dtype=np.int64), np.arange(50, dtype=np.int32)
     with ArrayStore(budget_bytes=1000, directory=str(tmp_path)) as store:

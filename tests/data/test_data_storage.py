@@ -126,10 +126,10 @@ def test_s3_round_trips_and_staged_publish(s3_env: str) -> None:
 @pytest.mark.integration
 def test_generate_validate_build_on_s3(s3_env: str) -> None:
     """The whole data layer against a real S3 server: raw logs, validation output and dataset all on S3."""
-    from pipeline import sessions
     from pipeline.config import BuildConfig
-    from pipeline.generate import generate_clicks
-    from pipeline.validate import validate
+    from pipeline.data import sessions
+    from pipeline.data.generate import generate_clicks
+    from pipeline.data.validate import validate
 
     uris = generate_clicks(f"{s3_env}/raw", days=2, sessions_per_day=200, n_items=60, seed=4, corruption={"duplicate": 0.005})
     assert uris == [f"{s3_env}/raw/dt=2024-01-01", f"{s3_env}/raw/dt=2024-01-02"]

@@ -1,4 +1,4 @@
-"""pipeline.validate: the GX suite's rules, quarantine, reconciliation, table-level failures, reports, CLI."""
+"""pipeline.data.validate: the GX suite's rules, quarantine, reconciliation, table-level failures, reports, CLI."""
 
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import sessions, storage
-from pipeline import validate as validate_module
-from pipeline.cli import main as cli
+from pipeline import storage
+from pipeline.cli.main import main as cli
 from pipeline.config import BuildConfig, IngestConfig, ValidationConfig
+from pipeline.data import sessions
+from pipeline.data import validate as validate_module
+from pipeline.data.generate import generate_clicks
+from pipeline.data.validate import validate
 from pipeline.errors import InputError, ValidationFailed
-from pipeline.generate import generate_clicks
-from pipeline.validate import validate
 
 DAY = dt.date(2024, 3, 10)
 LENIENT = ValidationConfig(max_quarantine_share=1.0)
@@ -161,7 +162,7 @@ def test_clean_files_follow_the_report(tmp_path: Path, write_partition, good_day
     code = "import sys; from pipeline import validate as v; v.clean_files(sys.argv[1]); print(*sys.modules)"
     run = subprocess.run([sys.executable, "-c", code, str(out)], check=True, capture_output=True, text=True)
     loaded = run.stdout
-    assert "pipeline.validate" in loaded and "great_expectations" not in loaded
+    assert "pipeline.data.validate" in loaded and "great_expectations" not in loaded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,7 +330,7 @@ DEFERRED_USE = """
 import gc
 import sys
 import pandas as pd
-from pipeline import validate
+from pipeline.data import validate
 context, _ = validate.gx_context()
 gc_back_on = gc.isenabled()  # the GC is paused while GX loads, not left off
 placeholders = sorted(n for n in validate.DEFERRED_GX_IMPORTS if type(sys.modules[n]).__name__ == "_DeferredModule")

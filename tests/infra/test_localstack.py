@@ -1,4 +1,4 @@
-"""Unit tests of pipeline.localstack's own logic: process-tree stops (pipeline.processes), environments, state,
+"""Unit tests of pipeline.stack.local's own logic: process-tree stops (pipeline.stack.processes), environments, state,
 Redis claims. The services themselves run in tests/infra/test_stack.py. About 5 seconds."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline import localstack, processes, s3server
+from pipeline.stack import local as localstack
+from pipeline.stack import processes, s3server
 
 
 def _state(tmp_path: Path) -> localstack.StackState:

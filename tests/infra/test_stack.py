@@ -1,4 +1,4 @@
-"""The process-level deployment (pipeline.localstack): real Airflow components with CeleryExecutor, two
+"""The process-level deployment (pipeline.stack.local): real Airflow components with CeleryExecutor, two
 Celery workers (default queue / gpu queue), PostgreSQL, Redis, SeaweedFS S3 and an MLflow server.
 
 DAGs are triggered through the REST API /api/v2; where each task ran is read from task-instance metadata
@@ -37,8 +37,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import localstack, processes
 from pipeline.config import TrackingConfig
+from pipeline.stack import local as localstack
+from pipeline.stack import processes
 
 pytestmark = [pytest.mark.stack, pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -119,7 +120,7 @@ def mlflow_client(stack: localstack.StackState):
 
 
 def _generate(stack: localstack.StackState, start: str, days: int) -> None:
-    from pipeline.generate import generate_clicks
+    from pipeline.data.generate import generate_clicks
 
     with pytest.MonkeyPatch.context() as mp:
         for key, value in stack.client_env().items():
@@ -360,7 +361,7 @@ def _state(api: localstack.AirflowAPI, run_id: str, task_id: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Deadline alerts (pipeline.alerts): a run made to overrun is reported by e-mail and webhook
+# Deadline alerts (pipeline.flow.alerts): a run made to overrun is reported by e-mail and webhook
 
 
 def test_a_run_past_its_deadline_alerts_by_email_and_webhook(stack: localstack.StackState) -> None:
@@ -450,9 +451,9 @@ def _registry_state(mlflow_client) -> dict:
 def test_backfill_of_three_past_dates_is_idempotent_and_keeps_the_leakage_guard(
     stack: localstack.StackState, clicks: str, s3, mlflow_client
 ) -> None:
-    from pipeline import registry
-    from pipeline.decision import LEAKAGE_REASON, TimeWindow, leakage
-    from pipeline.generate import generate_clicks
+    from pipeline.data.generate import generate_clicks
+    from pipeline.tracking import registry
+    from pipeline.tracking.decision import LEAKAGE_REASON, TimeWindow, leakage
 
     api = stack.api()
     api.wait_for_dag(DAG, timeout=120)
@@ -512,7 +513,7 @@ def test_backfill_of_three_past_dates_is_idempotent_and_keeps_the_leakage_guard(
     shown = {r["date"]: (r["run_type"], r["state"]) for r in status["runs"]["rows"]}
     assert {d: shown.get(d) for d in BACKFILL_DAYS} == {d: ("backfill", "success") for d in BACKFILL_DAYS}
     # The metadata DB (what status reads where no REST API is configured) holds the same runs.
-    from pipeline.status import AirflowSource, dag_runs
+    from pipeline.flow.status import AirflowSource, dag_runs
 
     in_db = dag_runs(AirflowSource(db_url=localstack._postgres_url(stack.airflow_db, "postgresql+psycopg2")), DAG, 20)
     assert [(r["run_id"], r["state"], r["date"]) for r in in_db] == [

@@ -16,7 +16,7 @@ import pytest
 from mlflow_testkit import VENV_BIN, background, free_port, tool_env, wait_http
 
 from pipeline.config import BuildConfig
-from pipeline.localstack import scratch_database
+from pipeline.stack.local import scratch_database
 
 
 def fresh_database(prefix: str = "pipeline_mlflow") -> AbstractContextManager[str]:
@@ -134,7 +134,7 @@ class Datasets:
 
 @pytest.fixture(scope="session")
 def mlflow_datasets(tmp_path_factory: pytest.TempPathFactory) -> Datasets:
-    from pipeline import generate, sessions, validate
+    from pipeline.data import generate, sessions, validate
     from pipeline.errors import ValidationFailed
 
     root = tmp_path_factory.mktemp("mlflow-data")
@@ -180,7 +180,7 @@ def daily_datasets(tmp_path_factory: pytest.TempPathFactory) -> DailyDatasets:
     """Seven days of clicks, each day validated on its own; a dataset per run date from the 4th day on."""
     import datetime as dt
 
-    from pipeline import generate, sessions, validate
+    from pipeline.data import generate, sessions, validate
 
     root = tmp_path_factory.mktemp("mlflow-daily")
     parts = generate.generate_clicks(str(root / "raw"), days=7, start_date="2024-03-01", seed=11, **DAILY)

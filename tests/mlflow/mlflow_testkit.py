@@ -103,7 +103,7 @@ def race(cfg, run_ids: list[str], delays: dict[str, float] | None = None) -> dic
     re-verification exist for. ``delays`` holds some back a little longer after the barrier (to force an
     order). Returns {run_id: Decision}.
     """
-    from pipeline import registry
+    from pipeline.tracking import registry
 
     barrier = threading.Barrier(len(run_ids), timeout=300)
     decisions: dict[str, registry.Decision] = {}

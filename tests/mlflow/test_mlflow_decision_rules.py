@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import decision, registry
 from pipeline.config import PipelineConfig
-from pipeline.decision import PairedTest, Rules, TimeWindow, Trial
 from pipeline.errors import PromotionError
+from pipeline.tracking import decision, registry
+from pipeline.tracking.decision import PairedTest, Rules, TimeWindow, Trial
 
 
 @pytest.mark.parametrize(
@@ -185,7 +185,7 @@ def test_promotion_lock_excludes_concurrent_holders(module_store: str) -> None:
     Tight polling makes contention frequent, so a release racing a colliding create (the store
     then reports the lock as missing) is exercised, not left to chance.
     """
-    from pipeline import tracking
+    from pipeline.tracking import runs as tracking
 
     cfg = PipelineConfig()
     tracking.configure(cfg.tracking)
@@ -220,7 +220,7 @@ def test_promotion_lock_excludes_concurrent_holders(module_store: str) -> None:
 
 
 def test_promotion_lock_times_out_naming_the_holder_and_breaks_stale_locks(module_store: str) -> None:
-    from pipeline import tracking
+    from pipeline.tracking import runs as tracking
 
     tracking.configure(PipelineConfig().tracking)
     import mlflow

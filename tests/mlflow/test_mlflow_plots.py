@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import plots
+from pipeline.tracking import plots
 
 
 def png_size(path: Path) -> tuple[int, int]:

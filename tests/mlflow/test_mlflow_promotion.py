@@ -14,8 +14,9 @@ from types import SimpleNamespace
 import pytest
 from mlflow_testkit import quick_config, race
 
-from pipeline import registry, tracking
 from pipeline.errors import PromotionError
+from pipeline.tracking import registry
+from pipeline.tracking import runs as tracking
 
 
 @pytest.fixture(scope="module")
@@ -181,8 +182,8 @@ def test_data_that_failed_or_skipped_validation_is_never_promoted(runs: SimpleNa
 def test_a_champion_from_another_item_space_is_re_evaluated_on_the_candidate_test_split(
     runs: SimpleNamespace, mlflow_datasets
 ) -> None:
-    from pipeline.evaluate import evaluate_model
-    from pipeline.sessions import read_split
+    from pipeline.data.sessions import read_split
+    from pipeline.model.evaluate import evaluate_model
 
     cfg = config()
     champion = registry.promote(cfg, [runs.weak])
@@ -229,7 +230,7 @@ def test_two_promotions_racing_never_leave_the_alias_on_the_worse_model(
 def test_rollback_returns_to_the_previous_champion(
     runs: SimpleNamespace, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     cfg = config()
     name = cfg.tracking.registered_model
@@ -255,7 +256,7 @@ def test_rollback_returns_to_the_previous_champion(
 def test_cli_promote_is_idempotent_and_takes_a_parent_run(
     runs: SimpleNamespace, capsys, mlflow_datasets
 ) -> None:
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     cfg = config()
     name = cfg.tracking.registered_model
@@ -307,7 +308,7 @@ def test_worse_equal_and_better_challengers_only_the_better_one_moves_the_alias(
 def test_without_a_valid_split_every_trial_meets_the_champion_with_holm_corrected_p_values(
     runs: SimpleNamespace,
 ) -> None:
-    from pipeline.decision import holm
+    from pipeline.tracking.decision import holm
 
     assert "valid_mrr_at_20" not in client().get_run(runs.novalid_weak).data.metrics
     cfg = config()
@@ -340,7 +341,7 @@ def test_a_backfill_never_uses_a_test_window_the_champion_trained_on(daily_datas
     """A later date makes the champion, then two earlier dates are backfilled: both are refused, the alias
     stays; the next date after the champion's is compared as usual. Each date is one DAG-like decision:
     a parent run, a trial trained on that date's 4-day dataset, and promote with the date."""
-    from pipeline import registry_views
+    from pipeline.tracking import views as registry_views
 
     cfg = config()
 
@@ -384,7 +385,7 @@ def _check_champion_history_picture(cfg, latest: registry.Decision, later: regis
     """The picture logged with a decision: every dated decision by run date, the champion after each."""
     import mlflow
 
-    from pipeline import champion_history
+    from pipeline.tracking import history as champion_history
 
     experiment = tracking.configure(cfg.tracking)
     points = champion_history.history_points(client(), experiment, cfg.tracking.registered_model, later.metric)
@@ -406,7 +407,7 @@ def test_the_champion_is_evaluated_on_exactly_the_candidate_test_split(
 ) -> None:
     import shutil
 
-    from pipeline.sessions import read_manifest
+    from pipeline.data.sessions import read_manifest
 
     copy = tmp_path / "dataset"
     shutil.copytree(mlflow_datasets.a, copy)
@@ -439,8 +440,8 @@ def test_the_champion_is_evaluated_on_exactly_the_candidate_test_split(
 def test_operator_levers_are_recorded_with_who_and_why(
     runs: SimpleNamespace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import tasks
-    from pipeline.cli import main
+    from pipeline.cli.main import main
+    from pipeline.flow import tasks
 
     monkeypatch.setenv("PIPELINE_ACTOR", "alice")
     cfg = config()

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from mlflow_testkit import quick_config, race
 
-from pipeline import registry, tracking
+from pipeline.tracking import registry
+from pipeline.tracking import runs as tracking
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +69,7 @@ def test_promotion_race_rollback_and_scoring_through_the_server(
 ) -> None:
     import mlflow
 
-    from pipeline.sessions import read_split
+    from pipeline.data.sessions import read_split
 
     cfg = quick_config(f"tracking.registered_model=server-{uuid.uuid4().hex[:6]}")
     name = cfg.tracking.registered_model
@@ -95,7 +96,7 @@ def test_promotion_race_rollback_and_scoring_through_the_server(
 
 def test_levers_history_and_models_through_the_server(server_runs: SimpleNamespace) -> None:
     """Pin, a pinned decision, unpin, a move and the views, against PostgreSQL through the server."""
-    from pipeline import registry_views
+    from pipeline.tracking import views as registry_views
 
     cfg = quick_config(f"tracking.registered_model=levers-{uuid.uuid4().hex[:6]}")
     first = registry.promote(cfg, [server_runs.weak], actor="dave")

@@ -14,7 +14,8 @@ import pandas as pd
 import pytest
 from mlflow_testkit import background, free_port, quick_config, tool_env, wait_http
 
-from pipeline import registry, tracking
+from pipeline.tracking import registry
+from pipeline.tracking import runs as tracking
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +24,7 @@ pytestmark = pytest.mark.integration
 def champion(module_store: str, mlflow_datasets) -> SimpleNamespace:
     import mlflow
 
-    from pipeline.sessions import read_split
+    from pipeline.data.sessions import read_split
 
     cfg = quick_config("gru4rec.n_epochs=2", f"tracking.registered_model=served-{uuid.uuid4().hex[:6]}")
     run = tracking.track_training(mlflow_datasets.a, cfg)
@@ -40,7 +41,7 @@ def champion(module_store: str, mlflow_datasets) -> SimpleNamespace:
 def test_batch_scoring_with_pyfunc_load_model(champion: SimpleNamespace) -> None:
     import mlflow
 
-    from pipeline.predict import Recommender
+    from pipeline.model.predict import Recommender
 
     model = mlflow.pyfunc.load_model(champion.uri)
     assert model.metadata.get_input_schema().input_names() == ["item_ids"]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from mlflow_testkit import quick_config
 
-from pipeline import tracking
 from pipeline.config import GRU4RecConfig, to_dict
+from pipeline.tracking import runs as tracking
 
 AIRFLOW_ENV = {
     "AIRFLOW_CTX_DAG_ID": "gru4rec_daily",
@@ -52,7 +52,7 @@ def test_embedded_default_is_sqlite_and_local_artifacts(tracked: SimpleNamespace
 
 
 def test_hyperparameters_and_manifest_are_params(tracked: SimpleNamespace, mlflow_datasets) -> None:
-    from pipeline.sessions import read_manifest
+    from pipeline.data.sessions import read_manifest
 
     params = tracked.run.data.params
     for name, value in to_dict(tracked.cfg.gru4rec).items():
@@ -69,8 +69,8 @@ def test_hyperparameters_and_manifest_are_params(tracked: SimpleNamespace, mlflo
 def test_test_metrics_have_stable_names_and_match_the_evaluator(tracked: SimpleNamespace, mlflow_datasets) -> None:
     import mlflow
 
-    from pipeline.evaluate import evaluate_model
-    from pipeline.sessions import read_split
+    from pipeline.data.sessions import read_split
+    from pipeline.model.evaluate import evaluate_model
 
     metrics = tracked.run.data.metrics
     for k in (1, 5, 10, 20):
@@ -118,7 +118,7 @@ def test_artifacts_a_person_can_use(tracked: SimpleNamespace) -> None:
     import mlflow
     import pyarrow.parquet as pq
 
-    from pipeline.sessions import read_split
+    from pipeline.data.sessions import read_split
 
     run_id = tracked.result.run_id
     local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=""))
@@ -180,7 +180,7 @@ def test_unfinished_run_with_the_same_key_is_continued_not_duplicated(tracked: S
 def test_cli_track_prints_the_run_and_errors_cleanly(
     module_store: str, mlflow_datasets, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     code = main(
         ["track", "--dataset", mlflow_datasets.b, "--run-key", "cli/t0", "--out", str(tmp_path / "model"),

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 
 from pipeline.config import GRU4RecConfig
-from pipeline.evaluate import evaluate_model
-from pipeline.train import train
+from pipeline.model.evaluate import evaluate_model
+from pipeline.model.train import train
 
 # Published rows (gru4rec.md): shared embedding, n_sample 2048, 10 epochs.
 RSC15 = dict(loss="cross-entropy", elu_param=0.0, layers=(100,), batch_size=32, dropout_p_embed=0.0,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.cli import main
+from pipeline.cli.main import main
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = ["--set", "layers=[16]", "--set", "batch_size=8", "--set", "n_sample=16", "--set", "n_epochs=2"]

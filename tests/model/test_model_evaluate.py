@@ -13,7 +13,7 @@ import torch
 from gru4rec_testdata import synthetic_table, tiny_config, write_tsv
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.evaluate import (
+from pipeline.model.evaluate import (
     ItemMap,
     build_item_map,
     evaluate,
@@ -22,8 +22,8 @@ from pipeline.evaluate import (
     metrics_from_ranks,
     read_log,
 )
-from pipeline.model import GRU4Rec
-from pipeline.train import train
+from pipeline.model.network import GRU4Rec
+from pipeline.model.train import train
 
 
 def _events(rows: list[tuple[str, str, int]]) -> pa.Table:
@@ -193,9 +193,9 @@ def test_evaluate_model_json_contract_and_argument_checks(synth, tmp_path):
 
 
 def _dataset_dir(root: Path) -> Path:
-    """A session dataset built by the data layer (pipeline.sessions), as `python -m pipeline build` does."""
+    """A session dataset built by the data layer (pipeline.data.sessions), as `python -m pipeline build` does."""
     from pipeline.config import BuildConfig
-    from pipeline.sessions import build_splits, write_dataset
+    from pipeline.data.sessions import build_splits, write_dataset
 
     events = pa.concat_tables([synthetic_table(200, seed=0), synthetic_table(200, seed=1)])
     splits = build_splits(events, BuildConfig(test_days=0.2, valid_days=0.2, min_item_support=0))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import losses
+from pipeline.model import losses
 
 
 def _scores(b: int = 4, extra: int = 6, seed: int = 0) -> torch.Tensor:

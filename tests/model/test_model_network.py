@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from pipeline.model import GRU4Rec, GRULayer, dropout
+from pipeline.model.network import GRU4Rec, GRULayer, dropout
 
 
 def test_glorot_uniform_bounds_per_table_and_gate():

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.optim import AdagradM
+from pipeline.model.optim import AdagradM
 
 LR, MOM, EPS = 0.2, 0.4, 1e-6
 
@@ -92,7 +92,7 @@ def test_one_dimensional_tables_and_state_round_trip():
 @pytest.mark.parametrize("fused", [True, False])
 def test_fused_and_multi_tensor_updates_agree_with_the_formula(monkeypatch, fused):
     """The CPU path runs torch's fused Adagrad kernel; other devices the multi-tensor ops: same numbers."""
-    from pipeline import optim
+    from pipeline.model import optim
 
     monkeypatch.setattr(optim, "FUSED_ADAGRAD", fused and optim.FUSED_ADAGRAD)
     torch.manual_seed(3)

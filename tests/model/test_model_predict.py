@@ -7,8 +7,8 @@ import torch
 from gru4rec_testdata import tiny_config
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.predict import Recommender, resolve_device
-from pipeline.train import train
+from pipeline.model.predict import Recommender, resolve_device
+from pipeline.model.train import train
 
 
 @pytest.fixture

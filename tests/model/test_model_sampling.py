@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.sampling import PopularitySampler, distinct_per_step, plan_rows
+from pipeline.model.sampling import PopularitySampler, distinct_per_step, plan_rows
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])

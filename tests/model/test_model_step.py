@@ -9,10 +9,10 @@ import torch
 from gru4rec_testdata import tiny_config
 from torch.profiler import ProfilerActivity, profile
 
-from pipeline import losses, optim
-from pipeline.predict import build_model
-from pipeline.sampling import plan_rows
-from pipeline.train import Trainer, _Block, _step_rows
+from pipeline.model import losses, optim
+from pipeline.model.predict import build_model
+from pipeline.model.sampling import plan_rows
+from pipeline.model.train import Trainer, _Block, _step_rows
 
 CPU = torch.device("cpu")
 # Operations that read a device value back to the host or wait for the device: item()/float()/bool()
@@ -213,7 +213,7 @@ def test_evaluation_inner_loop_never_reads_back_from_the_device():
     final copy of the ranks), however many steps the inner loop makes: none is inside the loop."""
     from gru4rec_testdata import synthetic_table
 
-    from pipeline.evaluate import ItemMap, evaluate, index_sessions, read_log
+    from pipeline.model.evaluate import ItemMap, evaluate, index_sessions, read_log
 
     item_map = ItemMap.from_ids([f"i{k}" for k in range(40)], np.arange(1, 41))
     model = build_model(tiny_config(), len(item_map))

@@ -18,9 +18,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from pipeline.errors import TrainingError
-from pipeline.evaluate import build_item_map, index_sessions, read_log
-from pipeline.predict import build_model
-from pipeline.train import Schedule, Trainer, _DeviceSchedule, _step_rows, build_schedule, train
+from pipeline.model.evaluate import build_item_map, index_sessions, read_log
+from pipeline.model.predict import build_model
+from pipeline.model.train import Schedule, Trainer, _DeviceSchedule, _step_rows, build_schedule, train
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")

@@ -7,7 +7,7 @@ import pytest
 from gru4rec_testdata import tiny_config
 
 from pipeline.errors import ConfigError
-from pipeline.tune import DEFAULT_SPACE, SearchSpace, apply_params, run_trial, search
+from pipeline.model.tune import DEFAULT_SPACE, SearchSpace, apply_params, run_trial, search
 
 
 def test_a_trial_is_reproducible_from_its_config(synth, tmp_path):

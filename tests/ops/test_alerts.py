@@ -1,4 +1,4 @@
-"""Every alert kind, built by pipeline.alerts from real inputs (GX reports, MLflow decision records, the
+"""Every alert kind, built by pipeline.flow.alerts from real inputs (GX reports, MLflow decision records, the
 deadline callback's context) and delivered through Airflow notifiers to a real SMTP server and a real
 webhook receiver on 127.0.0.1 (tests/alert_receivers.py)."""
 
@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from alert_receivers import RECIPIENTS, SENDER, SMTP_CONN_ID, WEBHOOK_CONN_ID, WEBHOOK_PATH, WEBHOOK_TOKEN
 
-from pipeline import alerts
 from pipeline.config import AlertsConfig, PipelineConfig, ValidationConfig, from_mapping
+from pipeline.data.generate import generate_clicks
 from pipeline.errors import TrainingError, ValidationFailed
-from pipeline.generate import generate_clicks
+from pipeline.flow import alerts
 
 DAY = dt.date(2026, 3, 1)
 CHANNELS = alerts.Channels(RECIPIENTS, "", SMTP_CONN_ID, WEBHOOK_CONN_ID)
@@ -53,7 +53,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _validated(tmp_path: Path, corruption: dict[str, float]) -> tuple[str, ValidationFailed | None]:
     """Validate one generated day with this corruption for real; (output folder, the failure if any)."""
-    from pipeline.validate import validate
+    from pipeline.data.validate import validate
 
     clicks = tmp_path / "clicks"
     generate_clicks(
@@ -68,13 +68,14 @@ def _validated(tmp_path: Path, corruption: dict[str, float]) -> tuple[str, Valid
 
 
 def _record_decisions(cfg: PipelineConfig, actions: list[str], model: str | None = None) -> None:
-    """Decision records as pipeline.registry logs them (kind=promotion, registered model, decision and reason
+    """Decision records as pipeline.tracking.registry logs them (kind=promotion, registered model, decision and reason
     tags), oldest first; ``model``: another registered model's records."""
     import time
 
     import mlflow
 
-    from pipeline import registry, tracking
+    from pipeline.tracking import registry
+    from pipeline.tracking import runs as tracking
 
     experiment = tracking.configure(cfg.tracking)
     client = mlflow.MlflowClient()
@@ -222,7 +223,7 @@ def test_deadline_alert_is_built_from_the_config(home: Path) -> None:
     )
     assert deadline.interval == dt.timedelta(hours=2.5)
     assert isinstance(deadline.callback, AsyncCallback)
-    assert deadline.callback.path == "pipeline.alerts.deadline_missed"
+    assert deadline.callback.path == "pipeline.flow.alerts.deadline_missed"
     assert deadline.callback.kwargs["channels"]["webhook_conn_id"] == "hook"
 
 
@@ -266,7 +267,7 @@ print(json.dumps({
     ("alerts_section", "deadline", "callbacks"),
     [
         ({}, [], ["on_task_failure"]),  # the default: quiet, nothing registered
-        ({"webhook_conn_id": "hook", "deadline_hours": 3}, [["3:00:00", "pipeline.alerts.deadline_missed"]],
+        ({"webhook_conn_id": "hook", "deadline_hours": 3}, [["3:00:00", "pipeline.flow.alerts.deadline_missed"]],
          ["on_task_failure", "FailureNotifier"]),
     ],
 )  # fmt: skip

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import backfill, status
 from pipeline.errors import ConfigError
+from pipeline.flow import backfill, status
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from pipeline import retention, storage
+from pipeline import storage
 from pipeline.config import PipelineConfig, from_mapping
+from pipeline.flow import retention
 
 REPO = Path(__file__).resolve().parents[2]
 TODAY = dt.date(2026, 3, 30)
@@ -69,7 +70,7 @@ def _register(cfg: PipelineConfig, alias: str, dataset_uri: str, run_key: str) -
     """A registered version behind ``alias`` whose training run records dataset and run key (as tracking does)."""
     import mlflow
 
-    from pipeline import tracking
+    from pipeline.tracking import runs as tracking
 
     experiment = tracking.configure(cfg.tracking)
     client = mlflow.MlflowClient()

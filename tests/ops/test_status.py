@@ -16,8 +16,11 @@ from typing import Any
 
 import pytest
 
-from pipeline import partitions, registry_views, status, storage
+from pipeline import storage
 from pipeline.config import PipelineConfig, load_config
+from pipeline.data import partitions
+from pipeline.flow import status
+from pipeline.tracking import views as registry_views
 
 REPO = Path(__file__).resolve().parents[2]
 DAYS = ["2026-03-01", "2026-03-02", "2026-03-03", "2026-03-04"]
@@ -38,7 +41,9 @@ def pipeline_state(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A run date's outputs under OUT and a registry with a champion (and maybe a challenger), all real."""
     import mlflow
 
-    from pipeline import generate, registry, sessions, tracking, validate
+    from pipeline.data import generate, sessions, validate
+    from pipeline.tracking import registry
+    from pipeline.tracking import runs as tracking
 
     home = tmp_path_factory.mktemp("status-home")
     with pytest.MonkeyPatch.context() as mp:

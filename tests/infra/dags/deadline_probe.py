@@ -1,5 +1,5 @@
 """A DAG made to overrun its deadline (tests/infra/test_stack.py): the pipeline's deadline alert
-(``pipeline.alerts.deadline``, as ``dags/gru4rec_daily.py`` builds it) set to 5 s after the run was queued,
+(``pipeline.flow.alerts.deadline``, as ``dags/gru4rec_daily.py`` builds it) set to 5 s after the run was queued,
 and one task that sleeps 30 s. The scheduler notices the missed deadline, the triggerer runs the callback,
 which sends the alert through the e-mail and webhook connections the test creates."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from airflow.sdk import dag, task
 
-from pipeline import alerts
 from pipeline.config import PipelineConfig, from_mapping
+from pipeline.flow import alerts
 
 ALERTS = {
     "email_to": ["oncall@example.test"],

@@ -18,7 +18,7 @@ BUCKET = "pipeline"
 def _where() -> dict:
     import os
 
-    from pipeline.localstack import worker_hostname
+    from pipeline.stack.local import worker_hostname
 
     return {"hostname": worker_hostname(), "pid": os.getpid()}
 
