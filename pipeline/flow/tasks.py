@@ -29,7 +29,8 @@ from pipeline.config import (
     pipeline_home,
     to_dict,
 )
-from pipeline.errors import ConfigError, InputError, TrainingError, ValidationFailed
+from pipeline.errors import ConfigError, InputError, PipelineError, TrainingError, ValidationFailed
+from pipeline.flow.airflow_api import AirflowAPI
 
 log = logging.getLogger(__name__)
 
@@ -404,32 +405,11 @@ def set_run_note(dag_id: str, run_id: str, note: str, conn_id: str) -> bool:
     except Exception:  # noqa: BLE001 - AirflowNotFoundException or no Airflow context at all
         log.info("run note not set: no Airflow connection %r to the REST API", conn_id)
         return False
-    from urllib.parse import quote
-
-    import httpx
-
-    scheme = conn.schema or "http"
-    base = f"{scheme}://{conn.host}" + (f":{conn.port}" if conn.port else "")
-    extra = conn.extra_dejson or {}
+    api = AirflowAPI.from_connection(conn)
+    base = api.base_url
     try:
-        token = extra.get("token")
-        if not token:
-            if conn.login:
-                credentials = {"username": conn.login, "password": conn.password}
-                resp = httpx.post(f"{base}/auth/token", json=credentials, timeout=30)
-            else:  # an auth manager that hands out tokens without credentials (simple, all admins)
-                resp = httpx.get(f"{base}/auth/token", timeout=30)
-            resp.raise_for_status()
-            token = resp.json()["access_token"]
-        resp = httpx.patch(
-            f"{base}/api/v2/dags/{quote(dag_id, safe='')}/dagRuns/{quote(run_id, safe='')}",
-            params={"update_mask": "note"},
-            json={"note": note[:NOTE_LIMIT]},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=30,
-        )
-        resp.raise_for_status()
-    except (httpx.HTTPError, KeyError, ValueError) as exc:
+        api.set_note(dag_id, run_id, note[:NOTE_LIMIT])
+    except (PipelineError, OSError, KeyError, ValueError) as exc:  # HTTP errors; refused, DNS, timeouts
         log.warning("run note not set: Airflow REST API at %s answered %s", base, exc)
         return False
     return True
