@@ -39,7 +39,7 @@ RSC15 = ["loss=cross-entropy", "layers=[100]", "batch_size=32", "dropout_p_hidde
 def first_step_seconds(checkout: Path) -> float:
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, "-c", WRAPPER, "train", "--train", str(DATA / "train_tr.tsv"), "--out", out,
-               "--device", "cpu", "--set", *RSC15]
+               "--device", "cpu"] + [a for s in RSC15 for a in ("--set", f"gru4rec.{s}")]  # old and new CLIs take it
         env = os.environ | {"PYTHONPATH": str(checkout), "LAUNCHED_AT": repr(time.time())}
         res = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in res.stdout.splitlines() if line.startswith("FIRST_STEP")]

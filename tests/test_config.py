@@ -1,10 +1,27 @@
 """The one typed config: defaults, files, --set overrides and clear errors."""
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
-from pipeline.config import GRU4RecConfig, PipelineConfig, load_config, load_gru4rec_config, to_dict
+from pipeline.config import (
+    EVENT_COLUMNS,
+    INPUT_FORMATS,
+    LOSSES,
+    TIES,
+    TIMESTAMP_UNITS,
+    VARIABLES,
+    Environment,
+    GRU4RecConfig,
+    PipelineConfig,
+    env,
+    load_config,
+    load_gru4rec_config,
+    pipeline_home,
+    to_dict,
+)
 from pipeline.errors import ConfigError
 
 
@@ -52,3 +69,54 @@ def test_bad_file_is_named(tmp_path):
         load_gru4rec_config(path)
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_gru4rec_config(tmp_path / "missing.yaml")
+
+
+def test_a_bad_value_names_the_setting_and_where_it_came_from(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("build:\n  test_days: -1\ntracking:\n  primary_metric: ndcg@20\n")
+    with pytest.raises(ConfigError, match=r"build.test_days and build.valid_days must be >= 0.*\(from config file .*pipeline.yaml\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"tracking.primary_metric 'ndcg@20'.*\(from --set tracking.primary_metric=ndcg@20\)"):
+        load_config(None, ["tracking.primary_metric=ndcg@20"])
+    with pytest.raises(ConfigError, match=r"unknown input format 'excel'.*\(from --set ingest.format=excel\)"):
+        load_config(None, ["ingest.format=excel"])
+    with pytest.raises(ConfigError, match=r"airflow.start_date: expected YYYY-MM-DD.*\(from --set airflow.start_date=soon\)"):
+        load_config(None, ["airflow.start_date=soon"])
+    with pytest.raises(ConfigError, match=r"eval.ties: unknown ties mode 'optimistic'"):
+        load_config(None, ["eval.ties=optimistic"])
+    # --set wins over the file: the bad file value is replaced, nothing raised
+    assert load_config(path, ["build.test_days=2", "tracking.primary_metric=recall@10"]).build.test_days == 2.0
+
+
+def test_gru4rec_only_file_sits_between_the_config_and_set(tmp_path):
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text("gru4rec:\n  layers: [50]\n  batch_size: 16\n  seed: 3\n")
+    rr = tmp_path / "retailrocket.yaml"
+    rr.write_text("loss: bpr-max\nlayers: [224]\nbatch_size: 80\n")
+    cfg = load_config(pipeline, ["gru4rec.batch_size=4"], gru4rec_file=rr)
+    assert (cfg.gru4rec.loss, cfg.gru4rec.layers, cfg.gru4rec.batch_size, cfg.gru4rec.seed) == ("bpr-max", (224,), 4, 3)
+    rr.write_text("dropout_p_hidden: 2\n")
+    with pytest.raises(ConfigError, match=r"drop probability.*\(from GRU4Rec file .*retailrocket.yaml\)"):
+        load_config(pipeline, gru4rec_file=rr)
+
+
+def test_the_environment_layer(monkeypatch, tmp_path):
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    e = env()
+    assert (e.config, e.device, e.debug, e.actor, e.home) == ("", "auto", False, "", (Path.cwd() / ".local").resolve())
+    monkeypatch.setenv("PIPELINE_HOME", str(tmp_path))
+    monkeypatch.setenv("PIPELINE_DEVICE", "cpu")
+    monkeypatch.setenv("PIPELINE_DEBUG", "1")
+    assert (env().home, env().device, env().debug, pipeline_home()) == (tmp_path, "cpu", True, tmp_path)
+    assert all(name.startswith("PIPELINE_") and text for name, text in VARIABLES.items())
+    assert {f.name for f in dataclasses.fields(Environment)} == {n.removeprefix("PIPELINE_").lower() for n in VARIABLES}
+
+
+def test_allowed_values_match_the_stages():
+    from pipeline.data import formats, times
+    from pipeline.model import evaluate, losses
+
+    assert set(INPUT_FORMATS) == set(formats.FORMATS) and EVENT_COLUMNS == formats.CANONICAL_COLUMNS
+    assert set(TIMESTAMP_UNITS) == set(times.TIMESTAMP_UNITS)
+    assert TIES == evaluate.TIES and set(LOSSES) == set(losses.LOSSES)

@@ -10,14 +10,14 @@ import dataclasses
 import json
 from typing import Any
 
+from pipeline.cli.settings import add_config_args, load_settings
+
 FORMAT_CHOICES = ("gru4rec", "rsc15", "diginetica", "csv", "parquet")
 
 
 def _config(args: argparse.Namespace) -> Any:
     """The pipeline config from --config/--set, with the command's own flags applied on top."""
-    from pipeline.config import load_config
-
-    cfg = load_config(args.config, args.set)
+    cfg = load_settings(args)
     ingest = cfg.ingest
     if args.format:
         ingest = dataclasses.replace(ingest, format=args.format)
@@ -102,8 +102,7 @@ def _common(p: argparse.ArgumentParser, *, inputs: bool = True) -> None:
         p.add_argument("--format", choices=FORMAT_CHOICES, help="input format (default: detect per file)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder or s3:// prefix")
     if inputs:
-        p.add_argument("--config", metavar="FILE", help="pipeline config (YAML/JSON)")
-        p.add_argument("--set", action="append", metavar="SECTION.NAME=VALUE", help="override a setting (repeatable)")
+        add_config_args(p, example="build.min_item_support=3")
 
 
 def register(subparsers: Any) -> None:

@@ -1,8 +1,8 @@
 """``python -m pipeline <command>``: the operator's entry point.
 
-Each area registers its own sub-commands (``cli_data``, ``cli_model``, ``cli_mlflow``, ``cli_dag``);
-those modules import only argparse at module level so ``--help`` stays fast, and each handler imports
-its heavy dependencies when it runs.
+Each area registers its own sub-commands (``data``, ``model``, ``mlflow``, ``dag``, ``ops``); those modules
+import only argparse and ``pipeline.cli.settings`` (the one ``--config`` / ``--set`` convention) at module
+level so ``--help`` stays fast, and each handler imports its heavy dependencies when it runs.
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
-import os
 import signal
 import sys
 import threading
 
 from pipeline import __version__
+from pipeline.config import env
 from pipeline.errors import PipelineError
 
 AREAS = ("pipeline.cli.data", "pipeline.cli.model", "pipeline.cli.mlflow", "pipeline.cli.dag", "pipeline.cli.ops")
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
-    setup_logging(args.verbose or bool(os.environ.get("PIPELINE_DEBUG")))
+    setup_logging(args.verbose or env().debug)
     # SIGTERM (a timeout, `kill`, a stopping worker) becomes an exit, so cleanups run: work folders, staging.
     if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
         signal.signal(signal.SIGTERM, _exit_on_signal)

@@ -1,8 +1,14 @@
-"""Model sub-commands: ``train``, ``evaluate`` and ``tune`` (argparse only here; handlers import lazily)."""
+"""Model sub-commands: ``train``, ``evaluate`` and ``tune`` (argparse only here; handlers import lazily).
+
+Settings come from the pipeline config like every command's (``--config``, ``--set gru4rec.NAME=VALUE``,
+``--gru4rec FILE`` for a GRU4Rec-only file): see pipeline.cli.settings.
+"""
 
 from __future__ import annotations
 
 import argparse
+
+from pipeline.cli.settings import add_config_args, load_settings
 
 INPUT_HELP = "a GRU4Rec TSV file (SessionId<TAB>ItemId<TAB>Time), a Parquet file of events or a session dataset directory"
 
@@ -11,13 +17,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="train GRU4Rec (session-parallel, sampled output, Adagrad) and write a model directory",
-        description="Train GRU4Rec. Parameters keep their published names (loss, layers, batch_size, learning_rate, "
-        "momentum, n_sample, sample_alpha, dropout_p_embed, dropout_p_hidden, constrained_embedding, embedding, "
-        "elu_param, bpreg, logq, n_epochs, seed). Re-running with the same --out resumes after the last finished epoch.",
+        description="Train GRU4Rec with the config's gru4rec section. Parameters keep their published names (loss, "
+        "layers, batch_size, learning_rate, momentum, n_sample, sample_alpha, dropout_p_embed, dropout_p_hidden, "
+        "constrained_embedding, embedding, elu_param, bpreg, logq, n_epochs, seed): --set gru4rec.layers=[100], or "
+        "a GRU4Rec-only file with --gru4rec FILE. Re-running with the same --out resumes after the last finished epoch.",
     )
     p.add_argument("--train", required=True, metavar="PATH", help=f"training data: {INPUT_HELP} (its train split)")
     p.add_argument("--valid", metavar="PATH", help="validation data, evaluated after every epoch (a dataset's valid split)")
-    _config_args(p)
+    add_config_args(p, example="gru4rec.layers=[100]", gru4rec=True)
     p.add_argument("--out", required=True, metavar="DIR", help="model directory (checkpoint.pt, train_metrics.json)")
     _runtime_args(p)
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
@@ -31,13 +38,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", required=True, metavar="DIR", help="a model directory written by `train`")
     p.add_argument("--test", required=True, metavar="PATH", help=f"test data: {INPUT_HELP} (its test split)")
-    p.add_argument("--cutoffs", type=int, nargs="+", default=[1, 5, 10, 20], metavar="N", help="list lengths N (default 1 5 10 20)")
+    p.add_argument("--cutoffs", type=int, nargs="+", metavar="N", help="list lengths N (default: eval.cutoffs, 1 5 10 20)")
     p.add_argument(
         "--ties",
         choices=["conservative", "standard", "median"],
-        default="conservative",
-        help="rank of tied scores: conservative = #(scores >= target) (default), standard = 1 + #(>), median = their mean",
+        help="rank of tied scores (default: eval.ties): conservative = #(scores >= target) (default), "
+        "standard = 1 + #(>), median = their mean",
     )
+    add_config_args(p, example="eval.ties=standard")
     p.add_argument("--json", metavar="OUT", help="also write the metrics as JSON to this file")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.set_defaults(handler=_evaluate)
@@ -49,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--train", required=True, metavar="PATH", help=f"training data: {INPUT_HELP}")
     p.add_argument("--valid", required=True, metavar="PATH", help="validation data (a dataset's valid split)")
-    _config_args(p)
+    add_config_args(p, example="gru4rec.n_epochs=2", gru4rec=True)
     p.add_argument("--space", metavar="FILE", help="search space (YAML/JSON: parameter -> {type, choices | low, high, ...})")
     p.add_argument("--n-trials", type=int, default=20, help="number of trials (default 20)")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this long")
@@ -62,24 +70,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_tune)
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML or JSON mapping GRU4Rec parameter names to values (layers: a list)")
-    p.add_argument(
-        "--set", dest="overrides", action="extend", nargs="+", default=[], metavar="NAME=VALUE",
-        help="override parameters, e.g. --set layers=[100] loss=bpr-max (repeatable; gru4rec.NAME works too)",
-    )
-
-
 def _runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for training (0 = automatic)")
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pipeline.config import load_gru4rec_config
     from pipeline.model.train import train
 
-    config = load_gru4rec_config(args.config, args.overrides)
+    config = load_settings(args).gru4rec
     result = train(
         args.train, config, args.out, valid=args.valid, device=args.device, resume=not args.no_resume, threads=args.threads
     )
@@ -99,7 +98,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from pipeline.model.evaluate import evaluate_model, format_table
 
-    result = evaluate_model(args.model, args.test, cutoffs=tuple(args.cutoffs), ties=args.ties, device=args.device)
+    settings = load_settings(args).eval
+    cutoffs = tuple(args.cutoffs) if args.cutoffs else settings.cutoffs
+    result = evaluate_model(args.model, args.test, cutoffs=cutoffs, ties=args.ties or settings.ties, device=args.device)
     print(format_table(result.metrics))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -108,13 +109,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from pipeline.config import load_gru4rec_config
     from pipeline.model.tune import SearchSpace, search
 
     result = search(
         args.train,
         args.valid,
-        load_gru4rec_config(args.config, args.overrides),
+        load_settings(args).gru4rec,
         args.out,
         space=SearchSpace.load(args.space),
         n_trials=args.n_trials,

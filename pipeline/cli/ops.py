@@ -13,6 +13,8 @@ import json
 import os
 from typing import Any
 
+from pipeline.cli.settings import add_config_args, load_settings
+
 
 def register(subparsers: Any) -> None:
     retention = subparsers.add_parser(
@@ -37,24 +39,15 @@ def register(subparsers: Any) -> None:
         type=dt.date.fromisoformat,
         help="age outputs as of this day, YYYY-MM-DD (default: today, UTC)",
     )
-    _config_args(retention, example=" --set retention.datasets_days=7")
+    add_config_args(retention, example="retention.datasets_days=7")
     retention.set_defaults(handler=_retention)
     _register_status(subparsers)
     _register_backfill(subparsers)
 
 
-def _config_args(parser: argparse.ArgumentParser, example: str = "") -> None:
-    """--config / --set as every command here has them."""
-    parser.add_argument("--config", help="YAML/JSON pipeline config file (default: $PIPELINE_CONFIG)")
-    parser.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.NAME=VALUE",
-        help=f"override one setting{', e.g.' + example if example else ''} (repeatable)",
-    )  # fmt: skip
-
-
 def _common(parser: argparse.ArgumentParser) -> None:
     """--config / --set, and --stack for the process stack's Airflow/MLflow/S3."""
-    _config_args(parser)
+    add_config_args(parser, example="airflow.dag_id=gru4rec_daily")
     parser.add_argument(
         "--stack", metavar="DIR",
         help="the process stack started by `infra/local/stack.sh up` (its folder, e.g. .local/stack): its Airflow "
@@ -64,11 +57,10 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _retention(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
     from pipeline.flow import retention
-    from pipeline.flow.tasks import CONFIG_ENV, output_root
+    from pipeline.flow.tasks import output_root
 
-    cfg = load_config(args.config or os.environ.get(CONFIG_ENV) or None, args.overrides)
+    cfg = load_settings(args)
     today = args.today or dt.datetime.now(dt.UTC).date()
     result = retention.run(cfg, output_root(cfg, args.output or ""), today, dry_run=args.dry_run)
     print(json.dumps(result.to_dict(), indent=2) if args.json else retention.format_table(result))
@@ -132,18 +124,28 @@ def _register_backfill(subparsers: Any) -> None:
 
 def _environment(args: argparse.Namespace) -> tuple[Any, str]:
     """The config and output root; with --stack, this process talks to the stack's MLflow and S3."""
-    from pipeline.config import load_config
-    from pipeline.flow.tasks import CONFIG_ENV, output_root
+    from pipeline.flow.tasks import output_root
 
-    cfg = load_config(args.config or os.environ.get(CONFIG_ENV) or None, args.overrides)
+    cfg = load_settings(args)
     default_output = ""
     if args.stack:
-        from pipeline.stack import local as localstack
+        from pipeline.stack.services import BUCKET
+        from pipeline.stack.state import StackState
 
-        state = localstack.StackState.load(args.stack)
+        state = StackState.load(args.stack)
         os.environ.update(state.client_env())
-        default_output = f"s3://{localstack.BUCKET}/output"
+        default_output = f"s3://{BUCKET}/output"
     return cfg, output_root(cfg, getattr(args, "output", None) or default_output)
+
+
+def _stack_api(args: argparse.Namespace) -> tuple[Any, str] | None:
+    """With --stack: the stack's Airflow REST API client (its admin) and where it points; else None."""
+    if not args.stack:
+        return None
+    from pipeline.stack.state import StackState
+
+    state = StackState.load(args.stack)
+    return state.api(), state.api_label()
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -156,7 +158,7 @@ def _status(args: argparse.Namespace) -> int:
     # A status screen answers in seconds: an MLflow server that is down is reported, not retried for minutes.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-    result = status.collect(cfg, out, runs=args.runs, days=args.days, stack_home=args.stack)
+    result = status.collect(cfg, out, runs=args.runs, days=args.days, api=_stack_api(args))
     print(json.dumps(result.to_dict(), indent=2) if args.json else status.format_status(result))
     return 0
 
@@ -173,7 +175,7 @@ def _backfill(args: argparse.Namespace) -> int:
     reprocess = "completed" if args.rerun else "failed" if args.rerun_failed else "none"
     request = backfill.Request(cfg.airflow.dag_id, args.start, args.end, reprocess, args.max_active_runs,
                                args.backwards, conf)  # fmt: skip
-    found = status.airflow_api(cfg, args.stack)
+    found = status.airflow_api(cfg, _stack_api(args))
     if found is None:
         raise ConfigError(
             f"backfill needs Airflow's REST API: set AIRFLOW_CONN_{cfg.airflow.api_conn_id.upper()} (the connection "

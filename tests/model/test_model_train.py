@@ -172,7 +172,7 @@ def test_killed_training_process_resumes_to_the_identical_model(tmp_path):
     cfg = tiny_config(n_epochs=6, layers=(16,), batch_size=16, n_sample=16, dropout_p_hidden=0.2)
     cmd = [sys.executable, "-m", "pipeline", "train", "--train", str(data), "--out", str(tmp_path / "killed"), "--device", "cpu"]
     for s in sets:
-        cmd += ["--set", s]
+        cmd += ["--set", f"gru4rec.{s}"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = tmp_path / "killed" / "checkpoint.pt"
     try:

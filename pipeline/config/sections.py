@@ -1,35 +1,73 @@
-"""One typed configuration for the whole pipeline.
+"""The settings: one frozen dataclass per section, each checking its own values when it is built.
 
-Every stage reads its own frozen section; the whole object is logged to MLflow as-is.
-Sources, in order of precedence: defaults here < a YAML/JSON file < ``--set section.name=value``.
+A section that is built is valid: ``__post_init__`` raises :class:`SettingError` naming every bad setting,
+so a bad value fails when the config is loaded (``pipeline.config.load_config`` adds the file or ``--set``
+it came from), not mid-run. The allowed values of a setting (input formats, tie modes ...) live here.
 GRU4Rec parameters keep their published names so published settings carry over unchanged.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import types
-import typing
-from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
-from typing import Any, TypeVar
+import datetime as dt
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from pipeline.errors import ConfigError
 
-T = TypeVar("T")
+# The one metric-name scheme: pure, imports nothing of the pipeline (pyproject: the one allowed upward import).
+from pipeline.model import metric_names
+
+# Allowed values, checked here and used by the stages (pipeline.data.ingest keeps the readers of each format).
+INPUT_FORMATS = ("gru4rec", "rsc15", "diginetica", "csv", "parquet")
+EVENT_COLUMNS = ("session_id", "item_id", "timestamp", "user_id", "event_type")  # pipeline.data.schema.EVENT_SCHEMA
+TIMESTAMP_UNITS = ("s", "ms", "us")
+LOSSES = ("cross-entropy", "bpr-max")
+TIES = ("conservative", "standard", "median")
+NO_VALID_SPLIT_MODES = ("holm", "refuse")
+
+
+class SettingError(ConfigError):
+    """A bad value of one or more settings (``settings``: their names inside the section)."""
+
+    def __init__(self, message: str, settings: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.settings = settings
+
+
+def _fail(message: str, *settings: str) -> None:
+    raise SettingError(message, settings)
+
+
+def _iso_time(value: str, name: str) -> None:
+    try:
+        dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        _fail(f"validation.{name}: not an ISO-8601 time: {value!r}", name)
 
 
 @dataclass(frozen=True)
 class IngestConfig:
     """How raw click logs are read."""
 
-    format: str | None = None  # None = detect; see pipeline.data.ingest.FORMATS
+    format: str | None = None  # None = detect; one of INPUT_FORMATS (see pipeline.data.ingest.FORMATS)
     session_gap_minutes: float = 30.0  # inactivity gap used to sessionize user-only logs
     column_map: dict[str, str] = field(default_factory=dict)  # canonical name -> source column (generic CSV/Parquet)
     delimiter: str | None = None  # generic CSV only; None = detect from the extension
     timestamp_unit: str = "s"  # numeric timestamps in generic CSV/Parquet: s | ms | us (since the unix epoch)
+
+    def __post_init__(self) -> None:
+        if self.format is not None and self.format not in INPUT_FORMATS:
+            _fail(f"unknown input format {self.format!r}; known: {', '.join(INPUT_FORMATS)}", "format")
+        unknown = sorted(set(self.column_map) - set(EVENT_COLUMNS))
+        if unknown:
+            _fail(f"ingest.column_map: unknown canonical column(s) {unknown}; known: {list(EVENT_COLUMNS)}", "column_map")
+        if self.timestamp_unit not in TIMESTAMP_UNITS:
+            _fail(
+                f"ingest.timestamp_unit must be one of {list(TIMESTAMP_UNITS)}, got {self.timestamp_unit!r}",
+                "timestamp_unit",
+            )
+        if not self.session_gap_minutes > 0:
+            _fail("ingest.session_gap_minutes must be > 0", "session_gap_minutes")
 
 
 @dataclass(frozen=True)
@@ -47,6 +85,20 @@ class ValidationConfig:
     check_session_order: bool | None = None  # None = the input format decides (Diginetica rows are unordered)
     workers: int = 0  # processes validating partitions in parallel; 0 = one per CPU (at most one per batch)
 
+    def __post_init__(self) -> None:
+        _iso_time(self.timestamp_floor, "timestamp_floor")
+        if self.partition_end:
+            _iso_time(self.partition_end, "partition_end")
+        if not 0 <= self.max_quarantine_share <= 1:
+            _fail("validation.max_quarantine_share must be in [0, 1]", "max_quarantine_share")
+        if self.min_rows < 0 or self.max_session_length < 1:
+            _fail(
+                "validation.min_rows must be >= 0 and validation.max_session_length >= 1",
+                "min_rows", "max_session_length",
+            )  # fmt: skip
+        if self.workers < 0:
+            _fail("validation.workers must be >= 0 (0 = one per CPU, at most one per batch)", "workers")
+
 
 @dataclass(frozen=True)
 class BuildConfig:
@@ -61,6 +113,17 @@ class BuildConfig:
     # the rest spilled to local disk (per-session state and one input file come on top, see docs/benchmarks.md).
     memory_budget_mb: int = 2048
     spill_dir: str = ""  # where spilled buckets go; "" = the system temporary folder ($TMPDIR)
+
+    def __post_init__(self) -> None:
+        if self.test_days < 0 or self.valid_days < 0:
+            _fail("build.test_days and build.valid_days must be >= 0 (0 = no such split)", "test_days", "valid_days")
+        if self.min_session_length < 0 or self.min_item_support < 0:
+            _fail(
+                "build.min_session_length and build.min_item_support must be >= 0 (0 = off)",
+                "min_session_length", "min_item_support",
+            )  # fmt: skip
+        if self.memory_budget_mb < 1:
+            _fail("build.memory_budget_mb must be >= 1 (megabytes of working memory for the build)", "memory_budget_mb")
 
 
 @dataclass(frozen=True)
@@ -87,22 +150,22 @@ class GRU4RecConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
-        problems = []
-        if self.loss not in ("cross-entropy", "bpr-max"):
-            problems.append(f"loss must be cross-entropy or bpr-max, got {self.loss!r}")
+        problems: list[tuple[str, str]] = []
+        if self.loss not in LOSSES:
+            problems.append(("loss", f"loss must be cross-entropy or bpr-max, got {self.loss!r}"))
         if not self.layers or min(self.layers) < 1:
-            problems.append(f"layers must be a non-empty list of positive sizes, got {list(self.layers)}")
+            problems.append(("layers", f"layers must be a non-empty list of positive sizes, got {list(self.layers)}"))
         for name in ("batch_size", "n_epochs", "sample_cache_size"):
             if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+                problems.append((name, f"{name} must be >= 1, got {getattr(self, name)}"))
         for name in ("learning_rate", "momentum", "n_sample", "sample_alpha", "embedding", "elu_param", "bpreg", "logq"):
             if not getattr(self, name) >= 0:
-                problems.append(f"{name} must be >= 0, got {getattr(self, name)}")
+                problems.append((name, f"{name} must be >= 0, got {getattr(self, name)}"))
         for name in ("dropout_p_embed", "dropout_p_hidden"):
             if not 0 <= getattr(self, name) < 1:
-                problems.append(f"{name} is a drop probability in [0, 1), got {getattr(self, name)}")
+                problems.append((name, f"{name} is a drop probability in [0, 1), got {getattr(self, name)}"))
         if problems:
-            raise ConfigError("gru4rec: " + "; ".join(problems))
+            _fail("gru4rec: " + "; ".join(text for _, text in problems), *(name for name, _ in problems))
 
 
 @dataclass(frozen=True)
@@ -111,6 +174,12 @@ class EvalConfig:
 
     cutoffs: tuple[int, ...] = (1, 5, 10, 20)
     ties: str = "conservative"  # conservative | standard | median
+
+    def __post_init__(self) -> None:
+        if self.ties not in TIES:
+            _fail(f"eval.ties: unknown ties mode {self.ties!r}; expected one of {', '.join(TIES)}", "ties")
+        if not self.cutoffs or min(self.cutoffs) < 1:
+            _fail(f"eval.cutoffs must be positive integers, got {list(self.cutoffs)}", "cutoffs")
 
 
 @dataclass(frozen=True)
@@ -139,6 +208,20 @@ class TrackingConfig:
     lock_timeout_s: float = 900.0  # how long a promotion waits for a concurrent one to finish
     lock_stale_s: float = 3600.0  # a promotion lock older than this was left by a crashed process
 
+    def __post_init__(self) -> None:
+        if metric_names.parse(self.primary_metric) is None:
+            _fail(
+                f"tracking.primary_metric {self.primary_metric!r} is not one of mrr_at_K / recall_at_K (K >= 1)",
+                "primary_metric",
+            )
+        if self.no_valid_split not in NO_VALID_SPLIT_MODES:
+            _fail(
+                f"tracking.no_valid_split must be one of {NO_VALID_SPLIT_MODES}, got {self.no_valid_split!r}",
+                "no_valid_split",
+            )
+        if self.bootstrap_samples < 1:
+            _fail(f"tracking.bootstrap_samples must be >= 1, got {self.bootstrap_samples}", "bootstrap_samples")
+
 
 def _default_grid() -> dict[str, Any]:
     return {"learning_rate": [0.1, 0.2], "dropout_p_hidden": [0.2, 0.4]}
@@ -148,7 +231,8 @@ def _default_grid() -> dict[str, Any]:
 class AirflowConfig:
     """The scheduled DAG (dags/gru4rec_daily.py): where data lives, GPU routing, retries, the search grid.
 
-    Each run's Params (trigger form) can override the window, the grid and the promotion margin.
+    Each run's Params (trigger form) can override the window, the grid and the promotion margin; those are
+    checked when the run starts (pipeline.flow.tasks), as they are not known before.
     """
 
     dag_id: str = "gru4rec_daily"
@@ -172,6 +256,20 @@ class AirflowConfig:
     partition_timeout_hours: float = 6.0  # how long it waits before failing the run
     partition_marker: str = ""  # completion marker that must be in the partition (e.g. "_SUCCESS"); "" = none
 
+    def __post_init__(self) -> None:
+        try:
+            dt.datetime.fromisoformat(self.start_date)
+        except ValueError:
+            _fail(f"airflow.start_date: expected YYYY-MM-DD, got {self.start_date!r}", "start_date")
+        if not self.partition_poke_minutes > 0 or not self.partition_timeout_hours > 0:
+            _fail(
+                "airflow.partition_poke_minutes and airflow.partition_timeout_hours must be > 0, got "
+                f"{self.partition_poke_minutes} and {self.partition_timeout_hours}",
+                "partition_poke_minutes", "partition_timeout_hours",
+            )  # fmt: skip
+        if "/" in self.partition_marker.strip().strip("/"):
+            _fail(f"airflow.partition_marker must be a file name, got {self.partition_marker!r}", "partition_marker")
+
 
 @dataclass(frozen=True)
 class AlertsConfig:
@@ -190,10 +288,20 @@ class AlertsConfig:
     quarantine_warn_share: float = 0.005  # warn above this quarantined share of a day; 0 = off
 
     def __post_init__(self) -> None:
-        if self.deadline_hours < 0 or self.champion_stale_runs < 0 or not 0 <= self.quarantine_warn_share <= 1:
-            raise ConfigError(
+        bad = [
+            name
+            for name, ok in (
+                ("deadline_hours", self.deadline_hours >= 0),
+                ("champion_stale_runs", self.champion_stale_runs >= 0),
+                ("quarantine_warn_share", 0 <= self.quarantine_warn_share <= 1),
+            )
+            if not ok
+        ]
+        if bad:
+            _fail(
                 "alerts: deadline_hours and champion_stale_runs must be >= 0 and quarantine_warn_share in [0, 1], "
-                f"got {self.deadline_hours}, {self.champion_stale_runs}, {self.quarantine_warn_share}"
+                f"got {self.deadline_hours}, {self.champion_stale_runs}, {self.quarantine_warn_share}",
+                *bad,
             )
 
 
@@ -213,11 +321,13 @@ class RetentionConfig:
     def __post_init__(self) -> None:
         negative = [f.name for f in fields(self) if getattr(self, f.name) < 0]
         if negative:
-            raise ConfigError(f"retention: {', '.join(negative)} must be >= 0 (0 = keep forever)")
+            _fail(f"retention: {', '.join(negative)} must be >= 0 (0 = keep forever)", *negative)
 
 
 @dataclass(frozen=True)
 class PipelineConfig:
+    """Every setting of the pipeline, one section per stage; logged whole to MLflow."""
+
     ingest: IngestConfig = field(default_factory=IngestConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     build: BuildConfig = field(default_factory=BuildConfig)
@@ -227,146 +337,3 @@ class PipelineConfig:
     airflow: AirflowConfig = field(default_factory=AirflowConfig)
     alerts: AlertsConfig = field(default_factory=AlertsConfig)
     retention: RetentionConfig = field(default_factory=RetentionConfig)
-
-
-def pipeline_home() -> Path:
-    """Everything a local run writes goes under ``$PIPELINE_HOME`` (default ``./.local``)."""
-    return Path(os.environ.get("PIPELINE_HOME", ".local")).resolve()
-
-
-# ---------------------------------------------------------------------------------------------
-# Building configs from mappings, files and --set overrides
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if origin is tuple:
-        items = value if isinstance(value, list | tuple) else [value]
-        return tuple(_coerce(v, args[0], where) for v in items)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
-            return value.lower() in {"true", "1", "yes"}
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            try:
-                return int(str(value))
-            except ValueError:
-                raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
-        return int(value)
-    if tp is float:
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
-    if tp is str:
-        return str(value)
-    return value
-
-
-def from_mapping(cls: type[T], mapping: dict[str, Any], where: str = "") -> T:
-    """Build a (nested) config dataclass from a plain mapping, naming any unknown key or bad value."""
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(mapping) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown setting(s) {', '.join(where + k for k in unknown)}; known: {', '.join(sorted(known))}"
-        )
-    kwargs: dict[str, Any] = {}
-    for name, value in mapping.items():
-        tp = hints[name]
-        if is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise ConfigError(f"{where}{name}: expected a section (mapping), got {value!r}")
-            kwargs[name] = from_mapping(tp, value, f"{where}{name}.")  # type: ignore[arg-type]
-        else:
-            kwargs[name] = _coerce(value, tp, f"{where}{name}")
-    return cls(**kwargs)
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML or JSON file into a mapping (an error names the file when it is not one)."""
-    import yaml
-
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {p}: {exc.strerror}") from None
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"config file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {p} must hold a mapping of setting names to values")
-    return data
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """Turn ``["a.b=1", "layers=[100,100]"]`` into a nested mapping; values are parsed as YAML scalars/lists."""
-    import yaml
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--set expects name=value, got {item!r}")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """The pipeline config from defaults, an optional file and ``--set`` overrides."""
-    mapping = read_config_file(path) if path else {}
-    mapping = deep_merge(mapping, parse_overrides(overrides))
-    return from_mapping(PipelineConfig, mapping)
-
-
-def load_gru4rec_config(path: str | Path | None = None, overrides: list[str] | None = None) -> GRU4RecConfig:
-    """GRU4Rec parameters from a flat file of published names (or a ``gru4rec:`` section) plus overrides."""
-    mapping = read_config_file(path) if path else {}
-    if "gru4rec" in mapping and isinstance(mapping["gru4rec"], dict):
-        mapping = mapping["gru4rec"]
-    flat = parse_overrides(overrides)
-    flat = flat.get("gru4rec", {}) | {k: v for k, v in flat.items() if k != "gru4rec"}
-    return from_mapping(GRU4RecConfig, deep_merge(mapping, flat), "gru4rec.")
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """A JSON-ready dict of any config dataclass (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
