@@ -64,7 +64,7 @@ def s3_env(s3_server, monkeypatch: pytest.MonkeyPatch) -> str:
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A fresh PostgreSQL database on 127.0.0.1:5432 (user postgres), dropped afterwards."""
-    from pipeline.stack.local import scratch_database
+    from pipeline.stack.databases import scratch_database
 
     with scratch_database("pipeline_test") as url:
         yield url

@@ -16,15 +16,12 @@ the promotion's leakage guard ("champion has seen this test window"), and the al
 from __future__ import annotations
 
 import datetime as dt
-import time
-import urllib.parse
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.errors import ConfigError, PipelineError
-
-if TYPE_CHECKING:
-    from pipeline.stack.local import AirflowAPI
+from pipeline.flow.airflow_api import AirflowAPI, quote
+from pipeline.waiting import WaitTimeout, wait_until
 
 REPROCESS = ("none", "failed", "completed")
 
@@ -88,13 +85,9 @@ class Outcome:
         return asdict(self)
 
 
-def _dag(dag_id: str) -> str:
-    return urllib.parse.quote(dag_id, safe="")
-
-
 def _paused_warning(api: AirflowAPI, dag_id: str) -> str:
     """Backfill runs of a paused DAG wait: say so (unpausing also starts its schedule, so that is the operator's call)."""
-    if api.get(f"/dags/{_dag(dag_id)}").get("is_paused"):
+    if api.get(f"/dags/{quote(dag_id)}").get("is_paused"):
         return (
             f"DAG {dag_id} is paused: Airflow starts the backfill's runs once it is unpaused "
             f"(airflow dags unpause {dag_id})"
@@ -138,7 +131,7 @@ def create(api: AirflowAPI, request: Request) -> Outcome:
 def runs_between(api: AirflowAPI, dag_id: str, start: dt.date, end: dt.date) -> list[RunState]:
     """Every run of the dates ``start`` .. ``end`` (backfilled or not), oldest first."""
     found = api.get(
-        f"/dags/{_dag(dag_id)}/dagRuns",
+        f"/dags/{quote(dag_id)}/dagRuns",
         logical_date_gte=f"{start.isoformat()}T00:00:00+00:00",
         logical_date_lte=f"{end.isoformat()}T00:00:00+00:00",
         order_by="logical_date",
@@ -158,19 +151,22 @@ def runs_between(api: AirflowAPI, dag_id: str, start: dt.date, end: dt.date) -> 
 
 def wait(api: AirflowAPI, outcome: Outcome, request: Request, timeout: float, poll: float = 5.0) -> Outcome:
     """Wait until Airflow marks the backfill completed (every run ended), then read the runs' states."""
-    assert outcome.backfill_id is not None
-    deadline = time.monotonic() + timeout
-    while not outcome.completed:
-        if time.monotonic() > deadline:
-            states = ", ".join(
-                f"{r.date} {r.state}" for r in runs_between(api, request.dag_id, request.start, request.end)
-            )
-            raise PipelineError(
-                f"backfill {outcome.backfill_id} of {request.dag_id} not completed after {timeout:.0f} s ({states}); "
-                "it goes on in Airflow: python -m pipeline status shows its runs"
-            )
-        time.sleep(poll)
-        outcome.completed = bool(api.get(f"/backfills/{outcome.backfill_id}").get("completed_at"))
+    backfill_id = outcome.backfill_id
+    assert backfill_id is not None
+
+    def completed() -> bool:
+        if not outcome.completed:
+            outcome.completed = bool(api.get(f"/backfills/{backfill_id}").get("completed_at"))
+        return outcome.completed
+
+    try:
+        wait_until(completed, timeout, poll, f"backfill {backfill_id}")
+    except WaitTimeout:
+        states = ", ".join(f"{r.date} {r.state}" for r in runs_between(api, request.dag_id, request.start, request.end))
+        raise PipelineError(
+            f"backfill {backfill_id} of {request.dag_id} not completed after {timeout:.0f} s ({states}); "
+            "it goes on in Airflow: python -m pipeline status shows its runs"
+        ) from None
     outcome.runs = runs_between(api, request.dag_id, request.start, request.end)
     return outcome
 

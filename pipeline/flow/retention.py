@@ -33,15 +33,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.fs as pafs
-
 from pipeline import storage
 from pipeline.config import PipelineConfig, RetentionConfig, pipeline_home
 from pipeline.errors import PipelineError
+from pipeline.flow.outputs import children_except, day_folders, subfolders, usage
+from pipeline.flow.settings import config_of
 
 log = logging.getLogger(__name__)
 
-DAY_FOLDER = re.compile(r"^dt=(\d{4}-\d{2}-\d{2})$")
 QUARANTINE = "quarantine"  # pipeline.data.validate.QUARANTINE (not imported: validate pulls in GX)
 CLEAN = "clean"
 
@@ -152,7 +151,7 @@ def current_lineage(cfg: PipelineConfig) -> list[Lineage]:
         tags = dict(version.tags or {})
         run_tags: dict[str, str] = {}
         try:
-            run_tags = dict(client.get_run(version.run_id).data.tags)
+            run_tags = dict(client.get_run(version.run_id or "").data.tags)
         except MlflowException as exc:
             log.warning(
                 "lineage: %s v%s: run %s not readable (%s)", alias, version.version, version.run_id, exc
@@ -171,48 +170,7 @@ def current_lineage(cfg: PipelineConfig) -> list[Lineage]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Listing outputs
-
-
-def _folders(uri: str) -> list[tuple[str, str]]:
-    """(name, uri) of the sub-folders of ``uri`` (none when it does not exist)."""
-    fs, path = storage.resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return sorted(
-        (i.base_name, storage.to_uri(fs, i.path)) for i in infos if i.type == pafs.FileType.Directory
-    )
-
-
-def _day_folders(uri: str) -> list[tuple[str, str]]:
-    """(YYYY-MM-DD, uri) of the ``dt=`` folders directly under ``uri``."""
-    out = []
-    for name, sub in _folders(uri):
-        found = DAY_FOLDER.match(name)
-        if found:
-            out.append((found.group(1), sub))
-    return out
-
-
-def _usage(uri: str, skip: str | None = None) -> tuple[int, int]:
-    """(bytes, files) under ``uri``, leaving out the sub-folder named ``skip``."""
-    fs, path = storage.resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
-    total = count = 0
-    for info in infos:
-        if info.type != pafs.FileType.File:
-            continue
-        if skip and info.path[len(path) :].lstrip("/").split("/", 1)[0] == skip:
-            continue
-        total += int(info.size or 0)
-        count += 1
-    return total, count
-
-
-def _children_except(uri: str, skip: str) -> list[str]:
-    """Files and folders directly under ``uri`` other than ``skip`` (what deleting 'all but skip' removes)."""
-    fs, path = storage.resolve(uri)
-    infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
-    return sorted(storage.to_uri(fs, i.path) for i in infos if i.base_name != skip)
+# What ages out
 
 
 def scratch_root(output_uri: str) -> Path | None:
@@ -262,29 +220,29 @@ def plan(
         cutoff = _cutoff(today, days)
         if cutoff is None or day >= cutoff:
             return
-        size, files = _usage(uri, skip)
+        size, files = usage(uri, skip)
         if not files:
             return
         keeper = _protector(uri, protected)
         (result.kept if keeper else result.delete).append(Item(kind, uri, day, size, files, keeper))
 
-    for day, uri in _day_folders(storage.join(out, "datasets")):
+    for day, uri in day_folders(storage.join(out, "datasets")):
         consider("dataset", uri, day, rcfg.datasets_days)
     # The next run reads the validated days of its training window again: never delete those (a window longer
     # than validated_days would otherwise re-validate most of its days on every run).
     validated_days = max(rcfg.validated_days, cfg.airflow.train_days) if rcfg.validated_days else 0
-    for day, uri in _day_folders(storage.join(out, "validated")):
+    for day, uri in day_folders(storage.join(out, "validated")):
         consider("validated", uri, day, validated_days, skip=QUARANTINE)
         consider("quarantine", storage.join(uri, QUARANTINE), day, rcfg.quarantine_days)
-    for day, uri in _day_folders(storage.join(out, "models")):
-        for _, data in _folders(uri):
-            for _, trial in _folders(data):
+    for day, uri in day_folders(storage.join(out, "models")):
+        for _, data in subfolders(uri):
+            for _, trial in subfolders(data):
                 consider("model", trial, day, rcfg.models_days)
     root = scratch_root(out)
     if root is not None:
-        for day, uri in _day_folders(str(root)):
-            for _, data in _folders(uri):
-                for _, trial in _folders(data):
+        for day, uri in day_folders(str(root)):
+            for _, data in subfolders(uri):
+                for _, trial in subfolders(data):
                     consider("scratch", trial, day, rcfg.scratch_days)
     return result
 
@@ -293,7 +251,7 @@ def apply(result: Plan) -> Plan:
     """Delete what the plan lists; for a validated partition everything but its quarantine folder."""
     for item in result.delete:
         if item.kind == "validated":
-            for child in _children_except(item.uri, QUARANTINE):
+            for child in children_except(item.uri, QUARANTINE):
                 storage.remove(child)
         else:
             storage.remove(item.uri)
@@ -332,8 +290,6 @@ def retention_task(run_info: Mapping[str, Any]) -> dict[str, Any]:
     Relative to the run's date rather than the wall clock, so a re-run or a backfill of an old date
     deletes no more than the original run did.
     """
-    from pipeline.flow.tasks import config_of
-
     cfg = config_of(run_info)
     today = dt.date.fromisoformat(run_info["date"]) + dt.timedelta(days=1)
     result = run(cfg, run_info["output_uri"], today, dry_run=False)

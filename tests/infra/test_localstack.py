@@ -15,12 +15,17 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.stack import local as localstack
+from pipeline.stack import databases as stack_db
+from pipeline.stack import environment as stack_env
+from pipeline.stack import local as stack_cli
 from pipeline.stack import processes, s3server
+from pipeline.stack import services as stack_services
+from pipeline.stack import state as stack_state
+from pipeline.stack import supervisor as stack_supervisor
 
 
-def _state(tmp_path: Path) -> localstack.StackState:
-    return localstack.StackState(
+def _state(tmp_path: Path) -> stack_state.StackState:
+    return stack_state.StackState(
         home=str(tmp_path),
         api_port=28080,
         mlflow_port=28081,
@@ -100,9 +105,9 @@ def test_a_server_ignoring_sigterm_is_killed_and_waited_for_by_a_process_that_is
 
 def test_worker_hostname_names_the_service(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIPELINE_WORKER_HOSTNAME", "airflow-worker-gpu")
-    assert localstack.worker_hostname() == "airflow-worker-gpu"
+    assert stack_cli.worker_hostname() == "airflow-worker-gpu"
     monkeypatch.delenv("PIPELINE_WORKER_HOSTNAME")
-    assert localstack.worker_hostname() and localstack.worker_hostname() != "airflow-worker-gpu"
+    assert stack_cli.worker_hostname() and stack_cli.worker_hostname() != "airflow-worker-gpu"
 
 
 def test_service_env_has_policy_wiring_and_no_leaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,9 +116,9 @@ def test_service_env_has_policy_wiring_and_no_leaks(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "someone-elses")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://elsewhere:5000")
     state = _state(tmp_path)
-    env = localstack.service_env(state, localstack.service("airflow-worker-gpu"))
-    assert {k: env[k] for k in localstack.AIRFLOW_POLICY} == localstack.AIRFLOW_POLICY
-    assert set(localstack.AIRFLOW_WIRING) <= set(env)
+    env = stack_env.service_env(state, stack_supervisor.service("airflow-worker-gpu"))
+    assert {k: env[k] for k in stack_services.AIRFLOW_POLICY} == stack_services.AIRFLOW_POLICY
+    assert set(stack_services.AIRFLOW_WIRING) <= set(env)
     assert env["AWS_ACCESS_KEY_ID"] == "ak" and env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:28081"
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://127.0.0.1:28080/execution/"
     assert env["AIRFLOW__CELERY__BROKER_URL"] == "redis://127.0.0.1:6379/7"
@@ -124,8 +129,8 @@ def test_service_env_has_policy_wiring_and_no_leaks(tmp_path: Path, monkeypatch:
     assert (conn["host"], conn["port"], conn["login"], conn["password"]) == ("127.0.0.1", 28080, "admin", "p")
     bundles = {b["name"]: b["kwargs"] for b in json.loads(env["AIRFLOW__DAG_PROCESSOR__DAG_BUNDLE_CONFIG_LIST"])}
     assert bundles == {"dags-folder": {}, "extra": {"path": str(tmp_path / "more")}}
-    mlflow = localstack.service_env(state, localstack.service("mlflow"))
-    assert set(localstack.MLFLOW_WIRING) <= set(mlflow) and "AIRFLOW__CORE__EXECUTOR" not in mlflow
+    mlflow = stack_env.service_env(state, stack_supervisor.service("mlflow"))
+    assert set(stack_services.MLFLOW_WIRING) <= set(mlflow) and "AIRFLOW__CORE__EXECUTOR" not in mlflow
     assert mlflow["MLFLOW_BACKEND_STORE_URI"].endswith("/pipeline_stack_x_mlflow")
 
 
@@ -133,28 +138,28 @@ def test_state_file_is_private_and_round_trips(tmp_path: Path) -> None:
     state = _state(tmp_path)
     state.pids = {"mlflow": 123}
     state.save()
-    path = tmp_path / localstack.STATE_FILE
+    path = tmp_path / stack_state.STATE_FILE
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert localstack.StackState.load(tmp_path) == state
-    with pytest.raises(localstack.StackError, match="no stack at"):
-        localstack.StackState.load(tmp_path / "elsewhere")
+    assert stack_state.StackState.load(tmp_path) == state
+    with pytest.raises(stack_state.StackError, match="no stack at"):
+        stack_state.StackState.load(tmp_path / "elsewhere")
 
 
 def test_redis_databases_are_claimed_once_and_released_by_their_owner() -> None:
-    first = localstack._claim_redis_db("test-owner-a")
+    first = stack_db.claim_redis_db("test-owner-a")
     try:
-        second = localstack._claim_redis_db("test-owner-b")
+        second = stack_db.claim_redis_db("test-owner-b")
         try:
             assert first != second
-            localstack._release_redis_db(first, "someone-else")  # not the owner: nothing happens
-            assert localstack._redis(first).get(localstack.REDIS_CLAIM_KEY) == b"test-owner-a"
+            stack_db.release_redis_db(first, "someone-else")  # not the owner: nothing happens
+            assert stack_db.redis_client(first).get(stack_db.REDIS_CLAIM_KEY) == b"test-owner-a"
         finally:
-            localstack._release_redis_db(second, "test-owner-b")
+            stack_db.release_redis_db(second, "test-owner-b")
     finally:
-        localstack._release_redis_db(first, "test-owner-a")
-    assert localstack._redis(first).dbsize() == 0
+        stack_db.release_redis_db(first, "test-owner-a")
+    assert stack_db.redis_client(first).dbsize() == 0
 
 
 def test_unknown_service_is_named() -> None:
-    with pytest.raises(localstack.StackError, match="unknown service 'worker'.*airflow-worker-gpu"):
-        localstack.service("worker")
+    with pytest.raises(stack_state.StackError, match="unknown service 'worker'.*airflow-worker-gpu"):
+        stack_supervisor.service("worker")

@@ -38,8 +38,13 @@ import pytest
 import yaml
 
 from pipeline.config import TrackingConfig
-from pipeline.stack import local as localstack
+from pipeline.flow.airflow_api import AirflowAPI, AirflowAPIError, quote
+from pipeline.stack import databases as stack_db
+from pipeline.stack import local as stack_cli
 from pipeline.stack import processes
+from pipeline.stack import services as stack_services
+from pipeline.stack import state as stack_state
+from pipeline.stack import supervisor as stack_supervisor
 
 pytestmark = [pytest.mark.stack, pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -47,8 +52,8 @@ HERE = Path(__file__).resolve().parent
 STACK_SH = HERE.parents[1] / "infra" / "local" / "stack.sh"
 PROBE = "infra_probe"
 DAG = "gru4rec_daily"
-CLICKS = f"s3://{localstack.BUCKET}/clicks"
-OUTPUT = f"s3://{localstack.BUCKET}/output"
+CLICKS = f"s3://{stack_services.BUCKET}/clicks"
+OUTPUT = f"s3://{stack_services.BUCKET}/output"
 FIRST_DAY, RUN1_DAY, RUN2_DAY = "2026-03-01", "2026-03-03", "2026-03-04"
 
 # The pipeline's deployment settings for this test: manual runs only (no scheduled run competing with
@@ -70,7 +75,7 @@ PIPELINE_CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localstack.StackState]:
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[stack_state.StackState]:
     home = tmp_path_factory.mktemp("stack")
     config = home / "pipeline-config.yaml"
     config.write_text(yaml.safe_dump(PIPELINE_CONFIG))
@@ -78,7 +83,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[localstack.Stack
     started = subprocess.run(up, capture_output=True, text=True, timeout=420)
     try:
         assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-3000:]
-        yield localstack.StackState.load(home)
+        yield stack_state.StackState.load(home)
     finally:
         stopped = subprocess.run([str(STACK_SH), "--home", str(home), "down"], capture_output=True, text=True, timeout=180)
         assert stopped.returncode == 0, stopped.stderr[-3000:]
@@ -99,7 +104,7 @@ def _stack_processes(home: Path) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def s3(stack: localstack.StackState):
+def s3(stack: stack_state.StackState):
     import boto3
 
     env = stack.client_env()
@@ -113,13 +118,13 @@ def s3(stack: localstack.StackState):
 
 
 @pytest.fixture(scope="module")
-def mlflow_client(stack: localstack.StackState):
+def mlflow_client(stack: stack_state.StackState):
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=stack.mlflow_url, registry_uri=stack.mlflow_url)
 
 
-def _generate(stack: localstack.StackState, start: str, days: int) -> None:
+def _generate(stack: stack_state.StackState, start: str, days: int) -> None:
     from pipeline.data.generate import generate_clicks
 
     with pytest.MonkeyPatch.context() as mp:
@@ -129,7 +134,7 @@ def _generate(stack: localstack.StackState, start: str, days: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def clicks(stack: localstack.StackState) -> str:
+def clicks(stack: stack_state.StackState) -> str:
     """Three days of generated click logs in the stack's bucket (dt=YYYY-MM-DD partitions); the fourth
     (RUN2_DAY) arrives late, while its run waits for it."""
     _generate(stack, FIRST_DAY, 3)
@@ -137,37 +142,37 @@ def clicks(stack: localstack.StackState) -> str:
 
 
 def _keys(s3, prefix: str) -> list[str]:
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=localstack.BUCKET, Prefix=prefix)
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=stack_services.BUCKET, Prefix=prefix)
     return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
 
 
-def _xcom(api: localstack.AirflowAPI, dag_id: str, run_id: str, task_id: str) -> dict:
-    entry = api.get(f"/dags/{dag_id}/dagRuns/{localstack._q(run_id)}/taskInstances/{task_id}/xcomEntries/return_value")
+def _xcom(api: AirflowAPI, dag_id: str, run_id: str, task_id: str) -> dict:
+    entry = api.get(f"/dags/{dag_id}/dagRuns/{quote(run_id)}/taskInstances/{task_id}/xcomEntries/return_value")
     value = entry["value"]
     return json.loads(value) if isinstance(value, str) else value
 
 
-def _running_under_gpu_worker(stack: localstack.StackState, ti: dict) -> bool:
+def _running_under_gpu_worker(stack: stack_state.StackState, ti: dict) -> bool:
     import psutil
 
     worker = psutil.Process(stack.pids["airflow-worker-gpu"])
     return ti["state"] == "running" and ti["pid"] in {p.pid for p in worker.children(recursive=True)}
 
 
-def _crash_gpu_worker(stack: localstack.StackState) -> None:
+def _crash_gpu_worker(stack: stack_state.StackState) -> None:
     """SIGKILL the gpu worker and its whole process tree (the task too), then start a fresh worker."""
-    localstack.stop_service(stack, "airflow-worker-gpu", crash=True)
-    localstack.start_service(stack, "airflow-worker-gpu")
+    stack_supervisor.stop_service(stack, "airflow-worker-gpu", crash=True)
+    stack_supervisor.start_service(stack, "airflow-worker-gpu")
 
 
 # ---------------------------------------------------------------------------------------------
 # The stack itself
 
 
-def test_stack_is_up_and_bound_to_localhost(stack: localstack.StackState) -> None:
+def test_stack_is_up_and_bound_to_localhost(stack: stack_state.StackState) -> None:
     import psutil
 
-    table = localstack.status(stack.home)
+    table = stack_cli.status(stack.home)
     assert {name for name, entry in table.items() if not entry["alive"]} == set()
     assert {table[n]["health"] for n in ("airflow-scheduler", "airflow-dag-processor", "airflow-triggerer")} == {"healthy"}
     # Every listening socket of every stack process is on 127.0.0.1.
@@ -184,17 +189,17 @@ def test_stack_is_up_and_bound_to_localhost(stack: localstack.StackState) -> Non
     assert stack.api().get("/pools/gpu")["slots"] == 1
 
 
-def test_status_cli_reports_every_service(stack: localstack.StackState, capsys: pytest.CaptureFixture[str]) -> None:
-    assert localstack.main(["--home", stack.home, "status"]) == 0
+def test_status_cli_reports_every_service(stack: stack_state.StackState, capsys: pytest.CaptureFixture[str]) -> None:
+    assert stack_cli.main(["--home", stack.home, "status"]) == 0
     out = capsys.readouterr().out
-    assert [line.split()[0] for line in out.splitlines()] == ["seaweedfs", *localstack.SERVICE_NAMES]
+    assert [line.split()[0] for line in out.splitlines()] == ["seaweedfs", *stack_services.SERVICE_NAMES]
 
 
 # ---------------------------------------------------------------------------------------------
 # The plumbing, with the probe DAG
 
 
-def test_probe_tasks_run_on_their_queues_workers(stack: localstack.StackState, s3, mlflow_client) -> None:
+def test_probe_tasks_run_on_their_queues_workers(stack: stack_state.StackState, s3, mlflow_client) -> None:
     api = stack.api()
     api.wait_for_dag(PROBE)
     run_id = api.trigger(PROBE, "2026-01-01T00:00:00+00:00", {"steps": 3})["dag_run_id"]
@@ -216,7 +221,7 @@ def test_probe_tasks_run_on_their_queues_workers(stack: localstack.StackState, s
     assert any(k.endswith(f"{trained['mlflow_run_id']}/artifacts/final_checkpoint.json") for k in _keys(s3, "mlflow/"))
 
 
-def test_probe_killed_gpu_worker_retry_resumes_from_checkpoint(stack: localstack.StackState, s3, mlflow_client) -> None:
+def test_probe_killed_gpu_worker_retry_resumes_from_checkpoint(stack: stack_state.StackState, s3, mlflow_client) -> None:
     api = stack.api()
     steps = 12
     run_id = api.trigger(PROBE, "2026-01-02T00:00:00+00:00", {"steps": steps, "step_seconds": 1.0})["dag_run_id"]
@@ -226,7 +231,7 @@ def test_probe_killed_gpu_worker_retry_resumes_from_checkpoint(stack: localstack
     while step < 3:  # training well under way: a few checkpoints written
         assert time.monotonic() < deadline, "training never reached step 3"
         try:
-            step = json.loads(s3.get_object(Bucket=localstack.BUCKET, Key=ckpt_key)["Body"].read())["step"]
+            step = json.loads(s3.get_object(Bucket=stack_services.BUCKET, Key=ckpt_key)["Body"].read())["step"]
         except s3.exceptions.NoSuchKey:
             pass
         time.sleep(0.5)
@@ -258,7 +263,7 @@ def test_probe_killed_gpu_worker_retry_resumes_from_checkpoint(stack: localstack
 # The real pipeline
 
 
-def test_daily_dag_trains_on_the_gpu_worker_and_promotes(stack: localstack.StackState, clicks: str, s3, mlflow_client) -> None:
+def test_daily_dag_trains_on_the_gpu_worker_and_promotes(stack: stack_state.StackState, clicks: str, s3, mlflow_client) -> None:
     api = stack.api()
     api.wait_for_dag(DAG, timeout=120)
     run_id = api.trigger(DAG, f"{RUN1_DAY}T00:00:00+00:00", {})["dag_run_id"]
@@ -274,11 +279,11 @@ def test_daily_dag_trains_on_the_gpu_worker_and_promotes(stack: localstack.Stack
     # Datasets, validated partitions and the run summary are in the bucket.
     outputs = _keys(s3, "output/")
     dataset = f"output/datasets/dt={RUN1_DAY}/"
-    manifest = json.loads(s3.get_object(Bucket=localstack.BUCKET, Key=f"{dataset}manifest.json")["Body"].read())
+    manifest = json.loads(s3.get_object(Bucket=stack_services.BUCKET, Key=f"{dataset}manifest.json")["Body"].read())
     listed = {f"{dataset}manifest.json"} | {f"{dataset}{f['path']}" for f in manifest["files"].values()}
     assert listed == {k for k in outputs if k.startswith(dataset)}  # exactly the files the manifest lists
     assert {f"output/validated/dt={d}/report.json" for d in ("2026-03-01", "2026-03-02", RUN1_DAY)} <= set(outputs)
-    summary = json.loads(s3.get_object(Bucket=localstack.BUCKET, Key=f"output/runs/dt={RUN1_DAY}/summary.json")["Body"].read())
+    summary = json.loads(s3.get_object(Bucket=stack_services.BUCKET, Key=f"output/runs/dt={RUN1_DAY}/summary.json")["Body"].read())
 
     # The MLflow server has the parent run and both trial runs, finished and nested; their artifacts are in S3.
     parent = mlflow_client.get_run(summary["parent_run_id"])
@@ -298,12 +303,12 @@ def test_daily_dag_trains_on_the_gpu_worker_and_promotes(stack: localstack.Stack
     assert champion.version == str(decision["candidate_version"])
     assert champion.run_id == decision["candidate_run_id"] in {r.info.run_id for r in trial_runs}
     # The summary task set the DAG run note through the REST API connection the stack provides.
-    assert (api.get(f"/dags/{DAG}/dagRuns/{localstack._q(run_id)}")["note"] or "").startswith("**promoted**")
+    assert (api.get(f"/dags/{DAG}/dagRuns/{quote(run_id)}")["note"] or "").startswith("**promoted**")
     assert run["state"] == "success"
 
 
 def test_daily_dag_waits_for_a_late_partition_and_survives_a_gpu_worker_crash_mid_training(
-    stack: localstack.StackState, clicks: str, s3, mlflow_client
+    stack: stack_state.StackState, clicks: str, s3, mlflow_client
 ) -> None:
     api = stack.api()
     api.wait_for_dag(DAG, timeout=120)
@@ -351,12 +356,12 @@ def test_daily_dag_waits_for_a_late_partition_and_survives_a_gpu_worker_crash_mi
     versions = mlflow_client.search_model_versions(f"name = '{TrackingConfig().registered_model}'")
     assert len({v.run_id for v in versions}) == len(versions)
     # The summary says which partition the run waited for, and how long.
-    summary = json.loads(s3.get_object(Bucket=localstack.BUCKET, Key=f"output/runs/dt={RUN2_DAY}/summary.json")["Body"].read())
+    summary = json.loads(s3.get_object(Bucket=stack_services.BUCKET, Key=f"output/runs/dt={RUN2_DAY}/summary.json")["Body"].read())
     assert [(w["date"], w["uri"]) for w in summary["partitions_waited"]] == [(RUN2_DAY, f"{CLICKS}/dt={RUN2_DAY}")]
     assert summary["partitions_waited"][0]["waited_s"] > 0
 
 
-def _state(api: localstack.AirflowAPI, run_id: str, task_id: str) -> str | None:
+def _state(api: AirflowAPI, run_id: str, task_id: str) -> str | None:
     return next((ti["state"] for ti in api.task_instances(DAG, run_id) if ti["task_id"] == task_id), None)
 
 
@@ -364,7 +369,7 @@ def _state(api: localstack.AirflowAPI, run_id: str, task_id: str) -> str | None:
 # Deadline alerts (pipeline.flow.alerts): a run made to overrun is reported by e-mail and webhook
 
 
-def test_a_run_past_its_deadline_alerts_by_email_and_webhook(stack: localstack.StackState) -> None:
+def test_a_run_past_its_deadline_alerts_by_email_and_webhook(stack: stack_state.StackState) -> None:
     """The scheduler notices the missed deadline and the triggerer runs the pipeline's callback (~40 s)."""
     from alert_receivers import running_receivers
 
@@ -396,7 +401,7 @@ BACKFILL_DAYS = ["2026-02-28", "2026-03-01", "2026-03-02"]
 BACKFILL_CONF = {"grid": {"learning_rate": [0.1]}}
 
 
-def _pipeline_cli(stack: localstack.StackState, *args: str, timeout: float = 900) -> dict:
+def _pipeline_cli(stack: stack_state.StackState, *args: str, timeout: float = 900) -> dict:
     """``python -m pipeline ARGS --stack HOME --json`` in its own process, as an operator runs it."""
     import sys
 
@@ -408,7 +413,7 @@ def _pipeline_cli(stack: localstack.StackState, *args: str, timeout: float = 900
     return json.loads(done.stdout)
 
 
-def _schedule_daily(stack: localstack.StackState, api: localstack.AirflowAPI) -> None:
+def _schedule_daily(stack: stack_state.StackState, api: AirflowAPI) -> None:
     """Airflow backfills only DAGs with a schedule. A daily one whose start_date lies in the future: the scheduler
     then makes no run of its own (there is no data for today here), while backfill runs, which Airflow gives
     every task whatever the start_date, run as in production."""
@@ -416,21 +421,21 @@ def _schedule_daily(stack: localstack.StackState, api: localstack.AirflowAPI) ->
     config = yaml.safe_load(path.read_text())
     config["airflow"] |= {"schedule": "@daily", "start_date": "2100-01-01"}
     path.write_text(yaml.safe_dump(config))
-    api._request("PUT", f"/api/v2/parseDagFile/{api.get(f'/dags/{DAG}')['file_token']}")  # parse it now
+    api.put(f"/parseDagFile/{api.get(f'/dags/{DAG}')['file_token']}")  # parse it now
     probe = {"dag_id": DAG, "from_date": "2026-03-01T00:00:00+00:00", "to_date": "2026-03-01T00:00:00+00:00"}
     deadline = time.monotonic() + 180
     while True:  # until the serialized DAG a backfill reads has the schedule
         try:
             api.post("/backfills/dry_run", probe)
             break
-        except localstack.StackError as exc:
+        except AirflowAPIError as exc:
             assert "non-periodic" in str(exc) and time.monotonic() < deadline, f"DAG not re-parsed with a schedule: {exc}"
         time.sleep(2)
     api.patch(f"/dags/{DAG}", {"is_paused": False})  # backfill runs of a paused DAG wait
 
 
 def _summary(s3, day: str) -> dict:
-    return json.loads(s3.get_object(Bucket=localstack.BUCKET, Key=f"output/runs/dt={day}/summary.json")["Body"].read())
+    return json.loads(s3.get_object(Bucket=stack_services.BUCKET, Key=f"output/runs/dt={day}/summary.json")["Body"].read())
 
 
 def _registry_state(mlflow_client) -> dict:
@@ -449,7 +454,7 @@ def _registry_state(mlflow_client) -> dict:
 
 @pytest.mark.timeout(1200)
 def test_backfill_of_three_past_dates_is_idempotent_and_keeps_the_leakage_guard(
-    stack: localstack.StackState, clicks: str, s3, mlflow_client
+    stack: stack_state.StackState, clicks: str, s3, mlflow_client
 ) -> None:
     from pipeline.data.generate import generate_clicks
     from pipeline.tracking import registry
@@ -513,9 +518,9 @@ def test_backfill_of_three_past_dates_is_idempotent_and_keeps_the_leakage_guard(
     shown = {r["date"]: (r["run_type"], r["state"]) for r in status["runs"]["rows"]}
     assert {d: shown.get(d) for d in BACKFILL_DAYS} == {d: ("backfill", "success") for d in BACKFILL_DAYS}
     # The metadata DB (what status reads where no REST API is configured) holds the same runs.
-    from pipeline.flow.status import AirflowSource, dag_runs
+    from pipeline.flow.dag_runs import AirflowSource, dag_runs
 
-    in_db = dag_runs(AirflowSource(db_url=localstack._postgres_url(stack.airflow_db, "postgresql+psycopg2")), DAG, 20)
+    in_db = dag_runs(AirflowSource(db_url=stack_db.postgres_url(stack.airflow_db, "postgresql+psycopg2")), DAG, 20)
     assert [(r["run_id"], r["state"], r["date"]) for r in in_db] == [
         (r["run_id"], r["state"], r["date"]) for r in status["runs"]["rows"]
     ]

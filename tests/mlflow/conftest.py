@@ -16,7 +16,7 @@ import pytest
 from mlflow_testkit import VENV_BIN, background, free_port, tool_env, wait_http
 
 from pipeline.config import BuildConfig
-from pipeline.stack.local import scratch_database
+from pipeline.stack.databases import scratch_database
 
 
 def fresh_database(prefix: str = "pipeline_mlflow") -> AbstractContextManager[str]:

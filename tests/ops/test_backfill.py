@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import ConfigError
-from pipeline.flow import backfill, status
+from pipeline.flow import airflow_api, backfill
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -53,8 +53,8 @@ def test_bad_requests_fail_before_airflow_is_asked(
 def test_api_address_from_the_connection_in_both_env_forms() -> None:
     as_json = json.dumps({"conn_type": "http", "schema": "http", "host": "airflow-api-server", "port": 8080,
                           "login": "pipeline", "password": "p@ss"})  # fmt: skip
-    assert status.api_from_connection(as_json) == ("http://airflow-api-server:8080", "pipeline", "p@ss")
-    assert status.api_from_connection("http://pipeline:p%40ss@airflow-api-server:8080/https") == (
+    assert airflow_api.api_from_connection(as_json) == ("http://airflow-api-server:8080", "pipeline", "p@ss")
+    assert airflow_api.api_from_connection("http://pipeline:p%40ss@airflow-api-server:8080/https") == (
         "https://airflow-api-server:8080",
         "pipeline",
         "p@ss",
