@@ -1,6 +1,6 @@
 """The promotion decision rules, as pure functions: no MLflow, no I/O, testable on a handful of numbers.
 
-:mod:`pipeline.tracking.registry` gathers the evidence (runs, metrics, per-prediction ranks, training windows) and
+:mod:`pipeline.tracking.promotion` gathers the evidence (runs, metrics, per-prediction ranks, training windows) and
 applies these rules:
 
 * **Select on validation, confirm on test.** Trials compete on their validation metric (``valid_<metric>``);
@@ -17,7 +17,6 @@ applies these rules:
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PromotionError
+from pipeline.model import metric_names
 
 # selected_on values
 SELECTED_ON_VALID = "valid"
@@ -49,7 +49,7 @@ class Metric:
 
     @property
     def name(self) -> str:
-        return f"{self.kind}_at_{self.cutoff}"
+        return metric_names.key(self.kind, self.cutoff)
 
     @property
     def valid_name(self) -> str:
@@ -66,12 +66,12 @@ class Metric:
 
 def parse_metric(name: str) -> Metric:
     """Accept ``mrr_at_20``, ``mrr@20``, ``MRR@20``, ``recall_at_10`` ..."""
-    m = re.fullmatch(r"\s*(mrr|recall)\s*(?:@|_at_)\s*(\d+)\s*", name, flags=re.IGNORECASE)
-    if not m or int(m.group(2)) < 1:
+    parsed = metric_names.parse(name)
+    if parsed is None:
         raise PromotionError(
             f"tracking.primary_metric {name!r} is not one of mrr_at_K / recall_at_K (K >= 1)"
         )
-    return Metric(m.group(1).lower(), int(m.group(2)))
+    return Metric(*parsed)
 
 
 # ---------------------------------------------------------------------------------------------

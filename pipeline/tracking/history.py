@@ -1,6 +1,6 @@
 """The champion's history as a picture, logged with each promotion decision.
 
-Reads the decision records :mod:`pipeline.tracking.registry` writes (runs with ``pipeline.kind = promotion``): for each
+Reads the decision records :mod:`pipeline.tracking.records` writes (runs with ``pipeline.kind = promotion``): for each
 DAG decision, its date, what was decided, the candidate's and the champion's primary metric on the candidate's
 test split and the candidate's S-POP baseline. Operator levers (rollback, move, pin) carry no new comparison
 and are not points of their own.
@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.tracking import plots, registry
+from pipeline.tracking.runs import configure
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -77,17 +78,15 @@ def log_history_plot(client: MlflowClient, experiment_id: str, model_name: str, 
 
 
 def log_for_decision(cfg: PipelineConfig, decision: Mapping[str, Any]) -> Path | None:
-    """:func:`log_history_plot` for a decision as :func:`pipeline.tracking.registry.promote` returns it (``to_dict()``).
+    """:func:`log_history_plot` for a decision as :func:`pipeline.tracking.promotion.promote` returns it (``to_dict()``).
 
     The decision is already recorded and acted on: a picture that cannot be drawn is a warning, not a failure.
     """
-    from pipeline.tracking import runs as tracking
-
     record, metric = decision.get("record_run_id"), decision.get("metric")
     if not record or not metric:
         return None
     try:
-        experiment_id = tracking.configure(cfg.tracking)
+        experiment_id = configure(cfg.tracking)
         return log_history_plot(registry.mlflow_client(cfg), experiment_id, decision["model_name"], metric, record)
     except Exception as exc:  # noqa: BLE001 - see the docstring
         log.warning("could not draw the champion history for decision run %s: %s", record, exc)

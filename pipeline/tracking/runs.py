@@ -1,25 +1,17 @@
-"""MLflow tracking: one run per trained candidate, with everything needed to compare and trace it.
+"""MLflow runs: where they go, the tags that name and find them, and the parent run of a DAG run.
 
 Where runs go: ``MLFLOW_TRACKING_URI`` when set (e.g. an ``mlflow server`` with PostgreSQL and S3 artifacts),
 otherwise an embedded SQLite store ``$PIPELINE_HOME/mlflow.db`` with artifacts under
 ``$PIPELINE_HOME/mlartifacts`` (no server needed).
 
-A training run logs, under names that stay the same from run to run (so ``mlflow.search_runs`` and the UI's
-run comparison line runs up without renaming):
+This module owns the tag names every other tracking module (and retention, alerts, the DAG tasks) reads, the
+lookup of a run by its idempotency key (``pipeline.run_key``: a retried Airflow task finds its run again
+instead of logging a duplicate), and the GX validation reports of a run's data, logged once per dataset.
+What a training run records is :mod:`pipeline.tracking.training`; what composes a trial is
+:mod:`pipeline.flow.trial`.
 
-* params: every GRU4Rec hyperparameter under its published name (``loss``, ``layers``, ``batch_size``,
-  ``learning_rate`` ...), the evaluation settings (``eval.*``) and the dataset manifest (``data.*``);
-* the train / valid / test splits as dataset inputs (``mlflow.log_input``, digest = dataset fingerprint);
-* step metrics per epoch (``train_loss``, ``valid_recall_at_20``, ``valid_mrr_at_20`` ...), system metrics;
-* final test metrics ``recall_at_K`` / ``mrr_at_K`` and the baselines ``baseline_pop_*`` / ``baseline_spop_*``,
-  training throughput ``train_events_per_second``;
-* tags: git commit, Airflow dag/run/task ids (from ``AIRFLOW_CTX_*``), dataset fingerprint and item space,
-  GX validation outcome;
-* artifacts: the pyfunc model (``pipeline.tracking.pyfunc``), the item map, the GX report and Data Docs of the
-  training data, per-prediction test ranks (for the paired promotion test) and PNG plots.
-
-Idempotency: a run started with ``run_key`` (e.g. ``"2024-05-01/trial-3"``) is looked up first; a finished
-run with that key is reused, so a retried Airflow task never logs a duplicate.
+``mlflow`` is imported inside the functions that use it: it takes ~3 s to import, and the names and
+``tracking_uri`` here are read by light commands (``pipeline status``) that may never touch MLflow.
 """
 
 from __future__ import annotations
@@ -29,12 +21,12 @@ import os
 import re
 import subprocess
 import tempfile
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pipeline import storage
 from pipeline.config import PipelineConfig, TrackingConfig, pipeline_home, to_dict
 from pipeline.errors import ConfigError
 
@@ -67,7 +59,6 @@ AIRFLOW_TAGS = {
     "AIRFLOW_CTX_TRY_NUMBER": "airflow.try_number",
     "AIRFLOW_CTX_LOGICAL_DATE": "airflow.logical_date",
 }
-PLOT_CUTOFFS = 20  # Recall@K / MRR@K curves for K = 1..20
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,25 +118,6 @@ def configure(tcfg: TrackingConfig) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Names and tags
-
-
-def metric_key(name: str) -> str:
-    """A stable MLflow metric name: ``recall@20`` -> ``recall_at_20``; other odd characters become ``_``."""
-    key = name.strip().replace("@", "_at_")
-    return re.sub(r"[^A-Za-z0-9_./ -]+", "_", key)
-
-
-def hyperparameters(cfg: PipelineConfig) -> dict[str, str]:
-    """GRU4Rec settings under their published names plus ``eval.*``, as MLflow params (strings)."""
-    params: dict[str, Any] = dict(to_dict(cfg.gru4rec))
-    params |= {f"eval.{k}": v for k, v in to_dict(cfg.eval).items()}
-    return {k: _param_value(v) for k, v in params.items()}
-
-
-def _param_value(value: Any) -> str:
-    if isinstance(value, list | tuple):
-        return ",".join(str(v) for v in value)  # layers=100,100 reads better than "[100, 100]"
-    return str(value)
 
 
 def git_commit() -> tuple[str | None, bool | None]:
@@ -216,10 +188,10 @@ def start_parent_run(
     *,
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
-    dataset_uri: str | None = None,
+    manifest: Mapping[str, Any] | None = None,
 ) -> str:
-    """Create (or find again, for a retried task) the parent run that groups one DAG run's trials; with
-    ``dataset_uri``, the validation reports and Data Docs of its data are logged on it (once)."""
+    """Create (or find again, for a retried task) the parent run that groups one DAG run's trials; with the
+    dataset's ``manifest``, the validation reports and Data Docs of its data are logged on it (once)."""
     import mlflow
 
     experiment_id = configure(cfg.tracking)
@@ -235,18 +207,14 @@ def start_parent_run(
         )
         run_id = run.info.run_id
         client.log_dict(run_id, to_dict(cfg), "config.json")
-    if dataset_uri is not None:
-        from pipeline.data import sessions
-
-        log_validation(client, run_id, sessions.read_manifest(dataset_uri))
+    if manifest is not None:
+        log_validation(client, run_id, manifest)
     return run_id
 
 
 def log_validation(client: Any, run_id: str, manifest: Mapping[str, Any]) -> str:
     """Log the GX reports and Data Docs of the dataset's validated inputs on ``run_id`` unless it already holds
     those of this dataset (a DAG run's trials share them: ~17 MB a copy); tags the outcome. Returns it."""
-    from pipeline import storage
-
     outcome, reports = _validation_reports(manifest)
     fingerprint = str(manifest.get("fingerprint", ""))
     run = client.get_run(run_id)
@@ -277,7 +245,7 @@ def end_run(run_id: str, status: str = "FINISHED") -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training runs
+# A training run, as the flow hands it on
 
 
 @dataclass
@@ -300,80 +268,8 @@ class TrackedRun:
         }
 
 
-def track_training(
-    dataset_uri: str,
-    cfg: PipelineConfig,
-    *,
-    run_key: str | None = None,
-    parent_run_id: str | None = None,
-    run_name: str | None = None,
-    device: str = "auto",
-    work_dir: str | Path | None = None,
-) -> TrackedRun:
-    """Train GRU4Rec on a session dataset, evaluate it on its test split and log everything to MLflow."""
-    import mlflow
-
-    experiment_id = configure(cfg.tracking)
-    client = mlflow.MlflowClient()
-    resume_run_id: str | None = None
-    if run_key:
-        existing = find_run(client, experiment_id, run_key, kind="training", finished_only=False)
-        if existing is not None and existing.info.status == "FINISHED":
-            log.info("run key %s already has finished run %s: reusing it", run_key, existing.info.run_id)
-            return _tracked(existing, reused=True)
-        if existing is not None:
-            # A worker died (or the task failed) mid-run: continue that run instead of adding a duplicate;
-            # training itself resumes from the checkpoint in work_dir when one survived.
-            resume_run_id = existing.info.run_id
-            log.info("run key %s has unfinished run %s (%s): resuming it", run_key, resume_run_id, existing.info.status)
-
-    from pipeline.data import sessions
-
-    manifest = sessions.read_manifest(dataset_uri)
-    fingerprint = str(manifest.get("fingerprint", ""))
-    tags = {
-        TAG_KIND: "training",
-        TAG_DATA_URI: dataset_uri,
-        TAG_FINGERPRINT: fingerprint,
-        **environment_tags(),
-    }
-    if run_key:
-        tags[TAG_RUN_KEY] = run_key
-    if cfg.tracking.system_metrics:
-        mlflow.set_system_metrics_sampling_interval(cfg.tracking.system_metrics_interval_s)
-        mlflow.set_system_metrics_samples_before_logging(1)
-
-    with tempfile.TemporaryDirectory(prefix="track-") as tmp:
-        out_dir = Path(work_dir) if work_dir else Path(tmp) / "model"
-        if resume_run_id is not None:
-            started = mlflow.start_run(run_id=resume_run_id, log_system_metrics=cfg.tracking.system_metrics)
-        else:
-            started = mlflow.start_run(
-                experiment_id=experiment_id,
-                run_name=run_name or (f"train-{run_key}" if run_key else None),
-                parent_run_id=parent_run_id,
-                nested=parent_run_id is not None,
-                tags=tags,
-                log_system_metrics=cfg.tracking.system_metrics,
-            )
-        with started as run:
-            run_id = run.info.run_id
-            if resume_run_id is not None:
-                mlflow.set_tags(tags | {TAG_RESUMED: "true"})
-            log.info("MLflow run %s in experiment %s (%s)", run_id, cfg.tracking.experiment, tracking_uri())
-            _log_config(cfg, manifest)
-            splits = {name: sessions.read_split(dataset_uri, name) for name in ("train", "valid", "test")}
-            _log_inputs(splits, dataset_uri, fingerprint)
-            item_map = _log_data_artifacts(dataset_uri, manifest, Path(tmp), run_id, parent_run_id)
-            history = _train(splits, _catalogue(item_map), dataset_uri, cfg, out_dir, device)
-            _evaluate(out_dir, splits["test"], cfg, device, Path(tmp), history)
-            model_uri = _log_model(out_dir, item_map, Path(tmp))
-            mlflow.set_tag(TAG_MODEL_URI, model_uri)
-    final = client.get_run(run_id)
-    return TrackedRun(run_id, experiment_id, model_uri, metrics=dict(final.data.metrics))
-
-
-def _tracked(run: Run, reused: bool) -> TrackedRun:
+def tracked(run: Run, reused: bool) -> TrackedRun:
+    """The :class:`TrackedRun` of a logged training run."""
     return TrackedRun(
         run.info.run_id,
         run.info.experiment_id,
@@ -383,110 +279,6 @@ def _tracked(run: Run, reused: bool) -> TrackedRun:
     )
 
 
-# ---------------------------------------------------------------------------------------------
-# The pieces of a training run (each called inside the active run)
-
-
-def _log_config(cfg: PipelineConfig, manifest: Mapping[str, Any]) -> None:
-    import mlflow
-
-    params = hyperparameters(cfg) | manifest_params(manifest)
-    mlflow.log_params(params)
-    mlflow.log_dict(to_dict(cfg), "config.json")
-    mlflow.log_dict(dict(manifest), "data/manifest.json")
-
-
-def manifest_params(manifest: Mapping[str, Any]) -> dict[str, str]:
-    """The dataset manifest's identity, counts and time ranges as ``data.*`` params (nested keys dotted)."""
-    out: dict[str, str] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, Mapping):
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}", inner)
-        elif not isinstance(value, list | tuple):
-            out[prefix] = str(value)[:500]
-
-    for key in ("fingerprint", "schema_version", "counts", "time_ranges", "split_times", "pipeline_version"):
-        if key in manifest:
-            walk(f"data.{key}", manifest[key])
-    return out
-
-
-def _log_inputs(splits: Mapping[str, Any], dataset_uri: str, fingerprint: str) -> None:
-    """Record the three splits as dataset inputs (lineage in the run's Datasets panel).
-
-    Metadata only (source, digest = dataset fingerprint, schema): the data is not copied into pandas, so a
-    big training split costs nothing here; row counts are in the ``data.counts.*`` params.
-    """
-    import mlflow
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.models import infer_signature
-
-    contexts = {"train": "training", "valid": "validation", "test": "testing"}
-    digest = fingerprint.split(":")[-1][:16]
-    for split, table in splits.items():
-        with warnings.catch_warnings():
-            # Known MLflow noise: local paths match two identical source classes; int columns have no NaN here.
-            warnings.filterwarnings("ignore", message=".*can be interpreted in multiple ways.*")
-            warnings.filterwarnings("ignore", message=".*Integer columns in Python cannot represent missing.*")
-            dataset = MetaDataset(
-                resolve_dataset_source(f"{dataset_uri.rstrip('/')}/{split}"),
-                name=f"sessions-{split}",
-                digest=f"{digest}-{split}" if digest else None,
-                schema=infer_signature(table.slice(0, 10).to_pandas()).inputs,
-            )
-            mlflow.log_input(dataset, context=contexts[split])
-
-
-def _log_data_artifacts(
-    dataset_uri: str, manifest: Mapping[str, Any], tmp: Path, run_id: str, parent_run_id: str | None
-) -> Path:
-    """Log the item map; link the GX reports + Data Docs of the training data (on the parent run when there is
-    one, logged there once for every trial; else on this run) and tag the validation outcome.
-
-    Returns the local copy of the item map (it also travels with the pyfunc model).
-    """
-    import mlflow
-    import pyarrow.parquet as pq
-
-    from pipeline.data.sessions import read_split
-
-    item_map = tmp / "item_map" / "items.parquet"
-    item_map.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(read_split(dataset_uri, "items"), item_map)
-    mlflow.log_artifact(str(item_map), "item_map")
-    mlflow.set_tag(TAG_ITEM_SPACE, item_space(item_map))
-    holder = parent_run_id or run_id
-    outcome = log_validation(mlflow.MlflowClient(), holder, manifest)
-    mlflow.set_tags({TAG_VALIDATION: outcome, TAG_VALIDATION_ARTIFACTS: f"runs:/{holder}/validation"})
-    return item_map
-
-
-def _catalogue(item_map: Path) -> Any:
-    """Item ids in item_idx order (the dataset's item index)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(item_map, columns=["item_idx", "item_id"]).sort_by("item_idx")
-    return table.column("item_id").cast(pa.string()).combine_chunks()
-
-
-def item_space(item_map: Path) -> str:
-    """Fingerprint of the item index (ids in item_idx order): equal only for models scoring the same items."""
-    import hashlib
-
-    import pyarrow.parquet as pq
-
-    ids = pq.read_table(item_map, columns=["item_idx", "item_id"]).sort_by("item_idx").column("item_id")
-    digest = hashlib.sha256()
-    for item in ids.to_pylist():
-        digest.update(str(item).encode())
-        digest.update(b"\0")
-    return f"{len(ids)}-{digest.hexdigest()[:16]}"
-
-
 def _validation_reports(manifest: Mapping[str, Any]) -> tuple[str, list[tuple[str, str | None]]]:
     """(passed | failed | missing, [(report uri, Data Docs folder uri)]) for the dataset's inputs.
 
@@ -494,7 +286,7 @@ def _validation_reports(manifest: Mapping[str, Any]) -> tuple[str, list[tuple[st
     whose ``report.json`` and Data Docs sit beside it. An input without a report makes the outcome
     ``missing`` (raw data built without validation); any failing report makes it ``failed``.
     """
-    from pipeline import storage
+    # Lazy: the validation runner module is heavy (numpy, multiprocessing) and only needed when logging reports.
     from pipeline.data.validate import CLEAN, REPORT
 
     inputs = list(manifest.get("inputs") or [])
@@ -515,146 +307,9 @@ def _validation_reports(manifest: Mapping[str, Any]) -> tuple[str, list[tuple[st
 
 
 def _fetch_dir(uri: str, local: Path) -> None:
-    from pipeline import storage
-
     base = uri.rstrip("/")
     for file_uri in storage.list_files(uri):
         rel = file_uri[len(base) :].lstrip("/")
         target = local / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(storage.read_bytes(file_uri))
-
-
-def _train(
-    splits: Mapping[str, Any], catalogue: Any, dataset_uri: str, cfg: PipelineConfig, out_dir: Path, device: str
-) -> list[dict[str, float]]:
-    """Train with per-epoch step metrics; returns the per-epoch history (for the curves plot)."""
-    import mlflow
-
-    from pipeline.model.evaluate import log_from_table
-    from pipeline.model.train import train
-    from pipeline.tracking.decision import parse_metric
-
-    history: list[dict[str, float]] = []
-
-    def on_epoch_end(epoch: int, metrics: Mapping[str, float]) -> None:
-        row = epoch_metrics(metrics)
-        history.append(row)
-        mlflow.log_metrics(row, step=epoch)
-
-    base = dataset_uri.rstrip("/")
-    # The dataset's item table fixes the item index, so the weights line up with the logged item map.
-    train_log = log_from_table(splits["train"], f"{base}/train", catalogue, split="train")
-    valid = splits["valid"]
-    valid_log = log_from_table(valid, f"{base}/valid", split="valid") if valid.num_rows else None
-    # The primary metric on valid (valid_mrr_at_20 ...) is what promotion selects trials on.
-    valid_cutoffs = tuple(sorted({5, 20, parse_metric(cfg.tracking.primary_metric).cutoff}))
-    result = train(
-        train_log, cfg.gru4rec, out_dir, valid=valid_log, device=device, on_epoch_end=on_epoch_end, valid_cutoffs=valid_cutoffs
-    )
-    mlflow.log_metrics(throughput_metrics(result.metrics))
-    mlflow.set_tag("train.device", str(result.metrics.get("device", device)))
-    return history
-
-
-def epoch_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Per-epoch metrics under stable names: ``train_loss``, ``valid_recall_at_20``, ``epoch_seconds`` ..."""
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            out["train_loss" if key == "loss" else metric_key(key)] = float(value)
-    return out
-
-
-def throughput_metrics(train_metrics: Mapping[str, Any]) -> dict[str, float]:
-    """Training time and speed from ``train_metrics.json``."""
-    keys = ("train_seconds", "train_events_per_second", "train_predictions_per_second", "epochs")
-    return {k: float(train_metrics[k]) for k in keys if isinstance(train_metrics.get(k), int | float)}
-
-
-def flatten_eval_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
-    """``evaluate`` JSON -> ``recall_at_20``, ``mrr_at_20``, ``baseline_spop_mrr_at_20``, ``test_n_predictions`` ..."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        if "@" in key and isinstance(value, int | float):
-            out[metric_key(key)] = float(value)
-        elif key.startswith("n_") and isinstance(value, int | float):
-            out[f"test_{key}"] = float(value)
-    for name, values in (metrics.get("baselines") or {}).items():
-        for key, value in values.items():
-            if "@" in key:
-                out[f"baseline_{name}_{metric_key(key)}"] = float(value)
-    return out
-
-
-def _evaluate(
-    out_dir: Path, test: Any, cfg: PipelineConfig, device: str, tmp: Path, history: list[dict[str, float]]
-) -> dict[str, float]:
-    """Test metrics, per-prediction ranks (for promotion) and the two plots."""
-    import mlflow
-    import numpy as np
-
-    from pipeline.model.evaluate import evaluate_model
-    from pipeline.tracking import plots
-    from pipeline.tracking.decision import parse_metric
-
-    cutoffs = tuple(sorted({*cfg.eval.cutoffs, parse_metric(cfg.tracking.primary_metric).cutoff}))
-    result = evaluate_model(out_dir, test, cutoffs=cutoffs, ties=cfg.eval.ties, device=device)
-    metrics = flatten_eval_metrics(result.metrics)
-    mlflow.log_metrics(metrics)
-    mlflow.log_dict(result.metrics, "evaluation/metrics.json")
-
-    ranks_file = tmp / RANKS_ARTIFACT
-    ranks_file.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(ranks_file, target_rows=np.asarray(result.target_rows), ranks=np.asarray(result.ranks))
-    mlflow.log_artifact(str(ranks_file), str(Path(RANKS_ARTIFACT).parent))
-
-    curves = {"GRU4Rec": plots.cutoff_curves_from_ranks(result.ranks, PLOT_CUTOFFS)}
-    labels = {"spop": "S-POP", "pop": "POP"}
-    for name, ranks in (getattr(result, "baseline_ranks", None) or {}).items():
-        curves[labels.get(name, name)] = plots.cutoff_curves_from_ranks(ranks, PLOT_CUTOFFS)
-    mlflow.log_dict(curves, "evaluation/cutoff_curves.json")
-    mlflow.log_artifact(str(plots.cutoff_curves(curves, tmp / "plots" / "recall_mrr_at_k.png")), "plots")
-    if history:
-        mlflow.log_artifact(str(plots.training_curves(history, tmp / "plots" / "training_curves.png")), "plots")
-    return metrics
-
-
-def _log_model(out_dir: Path, item_map: Path, tmp: Path) -> str:
-    """Log the pyfunc model (models-from-code) with the trained-model dir and item map as artifacts."""
-    import shutil
-
-    import mlflow
-    import pyarrow.parquet as pq
-
-    import pipeline
-    from pipeline.tracking import pyfunc as mlflow_model
-
-    # Ship the pipeline package with the model so serving needs only the pinned requirements.
-    code = tmp / "code" / "pipeline"
-    shutil.copytree(Path(pipeline.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    items = pq.read_table(item_map, columns=["item_id", "count"]).sort_by([("count", "descending")])
-    example_ids = [str(i) for i in items.column("item_id").to_pylist()[:2]]
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(Path(mlflow_model.__file__)),
-        artifacts={"model_dir": str(out_dir), "item_map": str(item_map)},
-        code_paths=[str(code)],
-        signature=mlflow_model.signature(),
-        input_example=mlflow_model.input_example(example_ids),
-        pip_requirements=model_requirements(),
-    )
-    return info.model_uri
-
-
-def model_requirements() -> list[str]:
-    """Pinned runtime requirements of the served model (no slow inference of imports)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = []
-    for dist in ("mlflow", "torch", "numpy", "pandas", "pyarrow", "PyYAML"):
-        try:
-            out.append(f"{dist}=={version(dist)}")
-        except PackageNotFoundError:
-            continue
-    return out

@@ -1,7 +1,7 @@
 """Read-only views of the model lifecycle for operators: the decision history and the registered versions.
 
-Both read what :mod:`pipeline.tracking.registry` records (decision runs with ``pipeline.kind = promotion``, tags on
-model versions and on the registered model); neither downloads artifacts, so they stay fast on a long
+Both read what :mod:`pipeline.tracking.records` and :mod:`pipeline.tracking.registry` write (decision runs with
+``pipeline.kind = promotion``, tags on model versions and on the registered model); neither downloads artifacts, so they stay fast on a long
 history. ``python -m pipeline promote --history`` and ``python -m pipeline models`` print them.
 """
 
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.tracking import registry
 from pipeline.tracking.decision import SELECTED_ON_OPERATOR, TimeWindow, parse_metric
-from pipeline.tracking.runs import quote
+from pipeline.tracking.runs import configure, quote
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -58,9 +58,7 @@ def history(cfg: PipelineConfig, limit: int | None = 20) -> list[HistoryEntry]:
 
         raise ConfigError(f"--limit must be >= 1, got {limit}")
     client = registry.mlflow_client(cfg)
-    from pipeline.tracking import runs as tracking
-
-    experiment_id = tracking.configure(cfg.tracking)
+    experiment_id = configure(cfg.tracking)
     query = registry.decisions_query(cfg.tracking.registered_model)
     entries: list[HistoryEntry] = []
     token = None

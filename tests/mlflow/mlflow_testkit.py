@@ -103,16 +103,17 @@ def race(cfg, run_ids: list[str], delays: dict[str, float] | None = None) -> dic
     re-verification exist for. ``delays`` holds some back a little longer after the barrier (to force an
     order). Returns {run_id: Decision}.
     """
-    from pipeline.tracking import registry
+    from pipeline.tracking import promotion
+    from pipeline.tracking.decision import Decision
 
     barrier = threading.Barrier(len(run_ids), timeout=300)
-    decisions: dict[str, registry.Decision] = {}
+    decisions: dict[str, Decision] = {}
     errors: list[BaseException] = []
 
     def contender(run_id: str) -> None:
         waited = False
 
-        def line_up(decision: registry.Decision) -> None:
+        def line_up(decision: Decision) -> None:
             nonlocal waited
             if not waited:
                 waited = True
@@ -120,7 +121,7 @@ def race(cfg, run_ids: list[str], delays: dict[str, float] | None = None) -> dic
                 time.sleep((delays or {}).get(run_id, 0.0))
 
         try:
-            decisions[run_id] = registry.promote(cfg, [run_id], on_compared=line_up)
+            decisions[run_id] = promotion.promote(cfg, [run_id], on_compared=line_up)
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(exc)
             barrier.abort()

@@ -11,7 +11,7 @@ import pytest
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import PromotionError
-from pipeline.tracking import decision, registry
+from pipeline.tracking import decision, lock
 from pipeline.tracking.decision import PairedTest, Rules, TimeWindow, Trial
 
 
@@ -198,7 +198,7 @@ def test_promotion_lock_excludes_concurrent_holders(module_store: str) -> None:
         try:
             client = mlflow.MlflowClient()
             for _ in range(10):
-                with registry.promotion_lock(client, "lock-test", timeout_s=120, poll_s=0.002):
+                with lock.promotion_lock(client, "lock-test", timeout_s=120, poll_s=0.002):
                     start = time.monotonic()
                     time.sleep(0.002)
                     intervals.append((start, time.monotonic()))
@@ -216,7 +216,7 @@ def test_promotion_lock_excludes_concurrent_holders(module_store: str) -> None:
     for (_, end), (next_start, _) in zip(intervals, intervals[1:], strict=False):
         assert next_start >= end, "two holders were inside the lock at the same time"
     names = {m.name for m in mlflow.MlflowClient().search_registered_models()}
-    assert registry.lock_name("lock-test") not in names  # released
+    assert lock.lock_name("lock-test") not in names  # released
 
 
 def test_promotion_lock_times_out_naming_the_holder_and_breaks_stale_locks(module_store: str) -> None:
@@ -226,10 +226,10 @@ def test_promotion_lock_times_out_naming_the_holder_and_breaks_stale_locks(modul
     import mlflow
 
     client = mlflow.MlflowClient()
-    client.create_registered_model(registry.lock_name("m"), tags={"pipeline.lock_owner": "crashed-host:123"})
+    client.create_registered_model(lock.lock_name("m"), tags={"pipeline.lock_owner": "crashed-host:123"})
     with pytest.raises(PromotionError, match="crashed-host:123"):
-        with registry.promotion_lock(client, "m", timeout_s=0.3, poll_s=0.05):
+        with lock.promotion_lock(client, "m", timeout_s=0.3, poll_s=0.05):
             pass
-    with registry.promotion_lock(client, "m", timeout_s=5, stale_s=0.0, poll_s=0.05) as owner:
-        held = client.get_registered_model(registry.lock_name("m"))
+    with lock.promotion_lock(client, "m", timeout_s=5, stale_s=0.0, poll_s=0.05) as owner:
+        held = client.get_registered_model(lock.lock_name("m"))
         assert held.tags["pipeline.lock_owner"] == owner != "crashed-host:123"

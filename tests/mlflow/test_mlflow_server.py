@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from mlflow_testkit import quick_config, race
 
-from pipeline.tracking import registry
+from pipeline.flow.trial import run_trial
+from pipeline.tracking import levers, lock, promotion
 from pipeline.tracking import runs as tracking
 
 pytestmark = pytest.mark.integration
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def server_runs(server_store, mlflow_datasets) -> SimpleNamespace:
     def track(*overrides: str) -> str:
-        return tracking.track_training(mlflow_datasets.a, quick_config(*overrides)).run_id
+        return run_trial(mlflow_datasets.a, quick_config(*overrides)).run_id
 
     return SimpleNamespace(
         server=server_store,
@@ -74,16 +75,16 @@ def test_promotion_race_rollback_and_scoring_through_the_server(
     cfg = quick_config(f"tracking.registered_model=server-{uuid.uuid4().hex[:6]}")
     name = cfg.tracking.registered_model
     client = mlflow.MlflowClient()
-    first = registry.promote(cfg, [server_runs.weak])
+    first = promotion.promote(cfg, [server_runs.weak])
     assert first.action == "promoted"
     decisions = race(cfg, [server_runs.medium, server_runs.strong])
     champion = client.get_model_version_by_alias(name, "champion")
     assert champion.run_id == server_runs.strong and decisions[server_runs.strong].action == "promoted"
     assert len(client.search_model_versions(f"name = '{name}'")) == 3
-    assert registry.lock_name(name) not in {m.name for m in client.search_registered_models()}
+    assert lock.lock_name(name) not in {m.name for m in client.search_registered_models()}
 
     previous = champion.tags["pipeline.previous_champion"]
-    assert registry.rollback(cfg).action == "rolled_back"
+    assert levers.rollback(cfg).action == "rolled_back"
     assert str(client.get_model_version_by_alias(name, "champion").version) == previous
 
     # The champion loads through the server (artifacts via its proxy) and scores sessions.
@@ -99,13 +100,13 @@ def test_levers_history_and_models_through_the_server(server_runs: SimpleNamespa
     from pipeline.tracking import views as registry_views
 
     cfg = quick_config(f"tracking.registered_model=levers-{uuid.uuid4().hex[:6]}")
-    first = registry.promote(cfg, [server_runs.weak], actor="dave")
-    assert registry.pin(cfg, "release freeze", actor="dave").action == "pin"
-    pinned = registry.promote(cfg, [server_runs.strong], actor="airflow test")
+    first = promotion.promote(cfg, [server_runs.weak], actor="dave")
+    assert levers.pin(cfg, "release freeze", actor="dave").action == "pin"
+    pinned = promotion.promote(cfg, [server_runs.strong], actor="airflow test")
     assert pinned.action == "pinned" and pinned.rules_action == "promoted" and pinned.test is not None
-    assert registry.unpin(cfg, "freeze over", actor="dave").action == "unpin"
-    assert registry.promote(cfg, [server_runs.strong], actor="airflow test").action == "promoted"
-    moved = registry.move_champion(cfg, first.candidate_version, "back to the first model", actor="erin")
+    assert levers.unpin(cfg, "freeze over", actor="dave").action == "unpin"
+    assert promotion.promote(cfg, [server_runs.strong], actor="airflow test").action == "promoted"
+    moved = levers.move_champion(cfg, first.candidate_version, "back to the first model", actor="erin")
     assert moved.action == "moved"
 
     entries = registry_views.history(cfg)

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from mlflow_testkit import background, free_port, quick_config, tool_env, wait_http
 
-from pipeline.tracking import registry
-from pipeline.tracking import runs as tracking
+from pipeline.flow.trial import run_trial
+from pipeline.tracking import promotion
 
 pytestmark = pytest.mark.integration
 
@@ -27,8 +27,8 @@ def champion(module_store: str, mlflow_datasets) -> SimpleNamespace:
     from pipeline.data.sessions import read_split
 
     cfg = quick_config("gru4rec.n_epochs=2", f"tracking.registered_model=served-{uuid.uuid4().hex[:6]}")
-    run = tracking.track_training(mlflow_datasets.a, cfg)
-    decision = registry.promote(cfg, [run.run_id])
+    run = run_trial(mlflow_datasets.a, cfg)
+    decision = promotion.promote(cfg, [run.run_id])
     assert decision.action == "promoted", decision.reason
     uri = f"models:/{cfg.tracking.registered_model}@champion"
     test = read_split(mlflow_datasets.a, "test").to_pandas()

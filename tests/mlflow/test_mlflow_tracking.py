@@ -12,6 +12,7 @@ import pytest
 from mlflow_testkit import quick_config
 
 from pipeline.config import GRU4RecConfig, to_dict
+from pipeline.flow.trial import run_trial
 from pipeline.tracking import runs as tracking
 
 AIRFLOW_ENV = {
@@ -34,7 +35,7 @@ def tracked(module_store: str, mlflow_datasets) -> SimpleNamespace:
         for key, value in AIRFLOW_ENV.items():
             mp.setenv(key, value)
         parent = tracking.start_parent_run(cfg, "2024-01-04")
-        result = tracking.track_training(mlflow_datasets.a, cfg, run_key="2024-01-04/t00", parent_run_id=parent)
+        result = run_trial(mlflow_datasets.a, cfg, run_key="2024-01-04/t00", parent_run_id=parent)
     client = mlflow.MlflowClient()
     return SimpleNamespace(cfg=cfg, parent=parent, result=result, run=client.get_run(result.run_id), client=client)
 
@@ -150,7 +151,7 @@ def test_artifacts_a_person_can_use(tracked: SimpleNamespace) -> None:
 
 
 def test_same_run_key_reuses_the_finished_run(tracked: SimpleNamespace, mlflow_datasets) -> None:
-    again = tracking.track_training(mlflow_datasets.a, tracked.cfg, run_key="2024-01-04/t00", parent_run_id=tracked.parent)
+    again = run_trial(mlflow_datasets.a, tracked.cfg, run_key="2024-01-04/t00", parent_run_id=tracked.parent)
     assert again.reused and again.run_id == tracked.result.run_id
     assert again.metrics["mrr_at_20"] == tracked.run.data.metrics["mrr_at_20"]
     runs = tracked.client.search_runs(
@@ -168,7 +169,7 @@ def test_unfinished_run_with_the_same_key_is_continued_not_duplicated(tracked: S
         experiment_id, tags={tracking.TAG_RUN_KEY: key, tracking.TAG_KIND: "training"}, run_name="train-killed"
     )
     assert tracked.client.get_run(orphan.info.run_id).info.status == "RUNNING"
-    retried = tracking.track_training(mlflow_datasets.a, tracked.cfg, run_key=key, parent_run_id=tracked.parent)
+    retried = run_trial(mlflow_datasets.a, tracked.cfg, run_key=key, parent_run_id=tracked.parent)
     assert retried.run_id == orphan.info.run_id and not retried.reused
     run = tracked.client.get_run(retried.run_id)
     assert run.info.status == "FINISHED"

@@ -42,8 +42,8 @@ def pipeline_state(tmp_path_factory: pytest.TempPathFactory) -> Any:
     import mlflow
 
     from pipeline.data import generate, sessions, validate
-    from pipeline.tracking import registry
-    from pipeline.tracking import runs as tracking
+    from pipeline.flow.trial import run_trial
+    from pipeline.tracking import promotion
 
     home = tmp_path_factory.mktemp("status-home")
     with pytest.MonkeyPatch.context() as mp:
@@ -62,9 +62,9 @@ def pipeline_state(tmp_path_factory: pytest.TempPathFactory) -> Any:
         decisions = []
         for lr in (0.1, 0.05):
             trial = load_config(None, [*SETTINGS, f"gru4rec.learning_rate={lr}"])
-            run = tracking.track_training(dataset, trial, run_key=f"gru4rec_daily/{RUN_DAY}/fp/lr{lr}",
-                                          work_dir=storage.join(out, "models", f"dt={RUN_DAY}", f"lr{lr}"))  # fmt: skip
-            decisions.append(registry.promote(cfg, [run.run_id], date=RUN_DAY, actor="test"))
+            run = run_trial(dataset, trial, run_key=f"gru4rec_daily/{RUN_DAY}/fp/lr{lr}",
+                            work_dir=storage.join(out, "models", f"dt={RUN_DAY}", f"lr{lr}"))  # fmt: skip
+            decisions.append(promotion.promote(cfg, [run.run_id], date=RUN_DAY, actor="test"))
         # The run's partition came 90 s late: its sensor's wait record says so.
         run_info = {"run_id": "manual__x", "date": RUN_DAY, "window_start": RUN_DAY, "output_uri": out,
                     "data_uri": str(home / "raw")}  # fmt: skip
