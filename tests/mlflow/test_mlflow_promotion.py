@@ -15,8 +15,10 @@ import pytest
 from mlflow_testkit import quick_config, race
 
 from pipeline.errors import PromotionError
-from pipeline.tracking import registry
+from pipeline.flow.trial import run_trial
+from pipeline.tracking import levers, lock, promotion, registry
 from pipeline.tracking import runs as tracking
+from pipeline.tracking.decision import Decision, parse_metric
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def runs(module_store: str, mlflow_datasets) -> SimpleNamespace:
     """Training runs of known relative quality (calibrated: each step up is significant at p < 0.01)."""
 
     def track(dataset: str, *overrides: str) -> str:
-        return tracking.track_training(dataset, quick_config(*overrides)).run_id
+        return run_trial(dataset, quick_config(*overrides)).run_id
 
     ds = mlflow_datasets
     return SimpleNamespace(
@@ -65,7 +67,7 @@ def metric(run_id: str, name: str = "mrr_at_20") -> float:
 
 def test_no_champion_promotes_the_best_candidate_on_valid_that_beats_spop(runs: SimpleNamespace) -> None:
     cfg = config()
-    decision = registry.promote(cfg, [runs.broken, runs.weak, runs.medium])
+    decision = promotion.promote(cfg, [runs.broken, runs.weak, runs.medium])
     assert decision.action == "promoted" and decision.alias_moved
     best_on_valid = max([runs.weak, runs.medium], key=lambda r: metric(r, "valid_mrr_at_20"))
     assert decision.candidate_run_id == best_on_valid == champion_run(cfg)
@@ -102,7 +104,7 @@ def test_only_candidates_worse_than_the_baselines_are_refused_and_not_registered
     runs: SimpleNamespace,
 ) -> None:
     cfg = config()
-    decision = registry.promote(cfg, [runs.broken])
+    decision = promotion.promote(cfg, [runs.broken])
     assert decision.action == "refused" and not decision.alias_moved
     assert "does not beat the" in decision.reason and "baseline" in decision.reason
     assert champion_run(cfg) is None
@@ -117,8 +119,8 @@ def test_only_candidates_worse_than_the_baselines_are_refused_and_not_registered
 
 def test_significantly_better_candidate_replaces_the_champion(runs: SimpleNamespace) -> None:
     cfg = config()
-    first = registry.promote(cfg, [runs.weak])
-    decision = registry.promote(cfg, [runs.strong])
+    first = promotion.promote(cfg, [runs.weak])
+    decision = promotion.promote(cfg, [runs.strong])
     assert decision.action == "promoted", decision.reason
     assert champion_run(cfg) == runs.strong
     assert decision.champion_version == first.candidate_version
@@ -141,8 +143,8 @@ def test_significantly_better_candidate_replaces_the_champion(runs: SimpleNamesp
 def test_better_but_not_significant_becomes_challenger_with_the_reason(runs: SimpleNamespace) -> None:
     # With 500 bootstrap samples the smallest possible p-value is 1/501 > 0.001: never significant.
     cfg = config("tracking.significance=0.001")
-    champion = registry.promote(cfg, [runs.weak])
-    decision = registry.promote(cfg, [runs.strong])
+    champion = promotion.promote(cfg, [runs.weak])
+    decision = promotion.promote(cfg, [runs.strong])
     assert decision.action == "challenger" and not decision.alias_moved
     assert decision.reason.startswith("better but not significant at 0.001")
     assert decision.test.mean_diff > 0
@@ -156,8 +158,8 @@ def test_better_but_not_significant_becomes_challenger_with_the_reason(runs: Sim
 
 def test_a_gain_below_the_margin_is_not_enough(runs: SimpleNamespace) -> None:
     cfg = config("tracking.promotion_margin=0.5")
-    registry.promote(cfg, [runs.weak])
-    decision = registry.promote(cfg, [runs.strong])
+    promotion.promote(cfg, [runs.weak])
+    decision = promotion.promote(cfg, [runs.strong])
     assert decision.action == "challenger"
     assert decision.reason.startswith("not better by the margin 0.5")
     assert champion_run(cfg) == runs.weak
@@ -167,7 +169,7 @@ def test_data_that_failed_or_skipped_validation_is_never_promoted(runs: SimpleNa
     tags = {r: client().get_run(r).data.tags["data.validation"] for r in (runs.failed_data, runs.unvalidated)}
     assert tags == {runs.failed_data: "failed", runs.unvalidated: "missing"}
     cfg = config()
-    decision = registry.promote(cfg, [runs.failed_data, runs.unvalidated])
+    decision = promotion.promote(cfg, [runs.failed_data, runs.unvalidated])
     assert decision.action == "refused"
     verdicts = {c.run_id: c.verdict for c in decision.candidates}
     assert "failed validation" in verdicts[runs.failed_data]
@@ -175,7 +177,7 @@ def test_data_that_failed_or_skipped_validation_is_never_promoted(runs: SimpleNa
     assert champion_run(cfg) is None
     # Data built without validation may be allowed explicitly; failed data never.
     lenient = dataclasses.replace(cfg, tracking=dataclasses.replace(cfg.tracking, require_validation=False))
-    decision = registry.promote(lenient, [runs.failed_data, runs.unvalidated])
+    decision = promotion.promote(lenient, [runs.failed_data, runs.unvalidated])
     assert decision.action == "promoted" and champion_run(cfg) == runs.unvalidated
 
 
@@ -186,8 +188,8 @@ def test_a_champion_from_another_item_space_is_re_evaluated_on_the_candidate_tes
     from pipeline.model.evaluate import evaluate_model
 
     cfg = config()
-    champion = registry.promote(cfg, [runs.weak])
-    decision = registry.promote(cfg, [runs.other_items])
+    champion = promotion.promote(cfg, [runs.weak])
+    decision = promotion.promote(cfg, [runs.other_items])
     assert decision.same_item_space is False and decision.champion_reevaluated
     assert decision.action in {"promoted", "challenger"}
     assert decision.champion_version == champion.candidate_version
@@ -195,7 +197,7 @@ def test_a_champion_from_another_item_space_is_re_evaluated_on_the_candidate_tes
     # cannot make (targets it does not know) count as misses over the candidate's predictions.
     model_dir = Path(_download_model(cfg, champion.candidate_version)) / "artifacts" / "model"
     champ = evaluate_model(model_dir, read_split(mlflow_datasets.b, "test"), cutoffs=(20,))
-    expected = registry.parse_metric("mrr_at_20").per_prediction(champ.ranks).sum() / decision.test.n
+    expected = parse_metric("mrr_at_20").per_prediction(champ.ranks).sum() / decision.test.n
     assert decision.champion_value == pytest.approx(expected)
     assert decision.champion_value != pytest.approx(
         metric(runs.weak)
@@ -213,7 +215,7 @@ def test_two_promotions_racing_never_leave_the_alias_on_the_worse_model(
     under the lock stops it from overwriting the better one with its stale comparison.
     """
     cfg = config()
-    registry.promote(cfg, [runs.weak])
+    promotion.promote(cfg, [runs.weak])
     decisions = race(cfg, [runs.medium, runs.strong], delays={getattr(runs, late): 1.0})
     assert champion_run(cfg) == runs.strong
     strong, medium = decisions[runs.strong], decisions[runs.medium]
@@ -234,8 +236,8 @@ def test_rollback_returns_to_the_previous_champion(
 
     cfg = config()
     name = cfg.tracking.registered_model
-    first = registry.promote(cfg, [runs.weak])
-    second = registry.promote(cfg, [runs.strong])
+    first = promotion.promote(cfg, [runs.weak])
+    second = promotion.promote(cfg, [runs.strong])
     assert second.action == "promoted"
     assert main(["promote", "--rollback", "--set", f"tracking.registered_model={name}"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -245,10 +247,10 @@ def test_rollback_returns_to_the_previous_champion(
     assert rolled.tags["pipeline.rolled_back"] == "true"
     assert client().get_run(out["record_run_id"]).data.tags["promotion.decision"] == "rolled_back"
     # The rolled-back model does not come back by itself, and there is nothing before the first champion.
-    again = registry.promote(cfg, [runs.strong])
+    again = promotion.promote(cfg, [runs.strong])
     assert again.action == "refused" and "rolled back" in again.reason
     with pytest.raises(PromotionError, match="no previous champion"):
-        registry.rollback(cfg)
+        levers.rollback(cfg)
     assert main(["promote", "--rollback", "--set", f"tracking.registered_model={name}"]) == 2
     assert "no previous champion" in capsys.readouterr().err
 
@@ -262,7 +264,7 @@ def test_cli_promote_is_idempotent_and_takes_a_parent_run(
     name = cfg.tracking.registered_model
     settings = ["--set", f"tracking.registered_model={name}", "--set", "tracking.bootstrap_samples=200"]
     parent = tracking.start_parent_run(cfg, f"cli-{name}")
-    child = tracking.track_training(
+    child = run_trial(
         mlflow_datasets.a, quick_config("gru4rec.n_epochs=2"), parent_run_id=parent
     )
     assert main(["promote", "--parent-run-id", parent, *settings]) == 0
@@ -284,20 +286,20 @@ def test_worse_equal_and_better_challengers_only_the_better_one_moves_the_alias(
     """Real trained models against a 2-epoch champion: 1 epoch on a 16-unit layer, the champion's config and
     seed trained again, and 3 epochs."""
     cfg = config()
-    champion = registry.promote(cfg, [runs.medium])
+    champion = promotion.promote(cfg, [runs.medium])
     assert champion.action == "promoted"
 
-    worse = registry.promote(cfg, [runs.tiny])
+    worse = promotion.promote(cfg, [runs.tiny])
     assert worse.action == "challenger" and not worse.alias_moved, worse.reason
     assert worse.test.mean_diff < 0 and worse.reason.startswith("not better by the margin")
     assert champion_run(cfg) == runs.medium
 
-    equal = registry.promote(cfg, [runs.medium_again])
+    equal = promotion.promote(cfg, [runs.medium_again])
     assert equal.action == "challenger" and not equal.alias_moved, equal.reason
     assert equal.test.ci_low <= 0.0 <= equal.test.ci_high  # no difference the data can show
     assert champion_run(cfg) == runs.medium
 
-    better = registry.promote(cfg, [runs.strong])
+    better = promotion.promote(cfg, [runs.strong])
     assert better.action == "promoted" and better.alias_moved, better.reason
     assert better.test.ci_low > 0 and better.test.p_value < cfg.tracking.significance
     assert champion_run(cfg) == runs.strong
@@ -312,8 +314,8 @@ def test_without_a_valid_split_every_trial_meets_the_champion_with_holm_correcte
 
     assert "valid_mrr_at_20" not in client().get_run(runs.novalid_weak).data.metrics
     cfg = config()
-    assert registry.promote(cfg, [runs.novalid_weak]).action == "promoted"
-    decision = registry.promote(cfg, [runs.novalid_medium, runs.novalid_strong])
+    assert promotion.promote(cfg, [runs.novalid_weak]).action == "promoted"
+    decision = promotion.promote(cfg, [runs.novalid_medium, runs.novalid_strong])
     assert decision.selected_on == "test, Holm-corrected" and decision.n_trials == 2
     ids = [runs.novalid_medium, runs.novalid_strong]
     trials = {t.run_id: t for t in decision.candidates}
@@ -331,8 +333,8 @@ def test_without_a_valid_split_every_trial_meets_the_champion_with_holm_correcte
     assert record.data.metrics["p_adjusted"] == pytest.approx(decision.p_adjusted)
 
     strict = config("tracking.no_valid_split=refuse")
-    assert registry.promote(strict, [runs.novalid_weak]).action == "promoted"  # one trial: nothing to select
-    refused = registry.promote(strict, [runs.novalid_medium, runs.novalid_strong])
+    assert promotion.promote(strict, [runs.novalid_weak]).action == "promoted"  # one trial: nothing to select
+    refused = promotion.promote(strict, [runs.novalid_medium, runs.novalid_strong])
     assert refused.action == "refused" and "no validation split to select among 2" in refused.reason
     assert champion_run(strict) == runs.novalid_weak
 
@@ -345,14 +347,14 @@ def test_a_backfill_never_uses_a_test_window_the_champion_trained_on(daily_datas
 
     cfg = config()
 
-    def run_date(date: str) -> registry.Decision:
+    def run_date(date: str) -> Decision:
         parent = tracking.start_parent_run(
             cfg, f"{cfg.tracking.registered_model}/{date}", tags={"pipeline.date": date}
         )
-        trial = tracking.track_training(
+        trial = run_trial(
             daily_datasets.by_date[date], quick_config("gru4rec.n_epochs=2"), parent_run_id=parent
         )
-        return registry.promote(
+        return promotion.promote(
             cfg, [trial.run_id], parent_run_id=parent, date=date, actor=f"test backfill {date}"
         )
 
@@ -381,7 +383,7 @@ def test_a_backfill_never_uses_a_test_window_the_champion_trained_on(daily_datas
     _check_champion_history_picture(cfg, latest, later)
 
 
-def _check_champion_history_picture(cfg, latest: registry.Decision, later: registry.Decision) -> None:
+def _check_champion_history_picture(cfg, latest: Decision, later: Decision) -> None:
     """The picture logged with a decision: every dated decision by run date, the champion after each."""
     import mlflow
 
@@ -411,14 +413,14 @@ def test_the_champion_is_evaluated_on_exactly_the_candidate_test_split(
 
     copy = tmp_path / "dataset"
     shutil.copytree(mlflow_datasets.a, copy)
-    candidate = tracking.track_training(str(copy), quick_config("gru4rec.n_epochs=3")).run_id
+    candidate = run_trial(str(copy), quick_config("gru4rec.n_epochs=3")).run_id
     cfg = config()
-    registry.promote(cfg, [runs.weak])
+    promotion.promote(cfg, [runs.weak])
 
     shutil.rmtree(copy)
     shutil.copytree(mlflow_datasets.b, copy)  # another dataset published at the candidate's URI
     with pytest.raises(PromotionError, match="changed since candidate run .* was tested on it"):
-        registry.promote(cfg, [candidate])
+        promotion.promote(cfg, [candidate])
 
     shutil.rmtree(copy)
     shutil.copytree(mlflow_datasets.a, copy)
@@ -426,13 +428,13 @@ def test_the_champion_is_evaluated_on_exactly_the_candidate_test_split(
     test_file = copy / manifest["files"]["test"]["path"]
     test_file.write_bytes(test_file.read_bytes() + b"\0")  # the file changed after publishing
     with pytest.raises(PromotionError, match="SHA-256"):
-        registry.promote(cfg, [candidate])
+        promotion.promote(cfg, [candidate])
     assert champion_run(cfg) == runs.weak
     assert len(client().search_model_versions(f"name = '{cfg.tracking.registered_model}'")) == 1
 
     shutil.rmtree(copy)
     shutil.copytree(mlflow_datasets.a, copy)  # the data it was tested on: the comparison runs
-    decision = registry.promote(cfg, [candidate])
+    decision = promotion.promote(cfg, [candidate])
     assert decision.champion_reevaluated and decision.test_fingerprint == manifest["fingerprint"]
     assert decision.champion_value == pytest.approx(metric(runs.weak))
 
@@ -452,8 +454,8 @@ def test_operator_levers_are_recorded_with_who_and_why(
         assert main([*args, *settings]) == 0
         return json.loads(capsys.readouterr().out)
 
-    v1 = registry.promote(cfg, [runs.weak]).candidate_version
-    v2 = registry.promote(cfg, [runs.strong]).candidate_version
+    v1 = promotion.promote(cfg, [runs.weak]).candidate_version
+    v2 = promotion.promote(cfg, [runs.strong]).candidate_version
     moved = cli("promote", "--to-version", v1, "--reason", "v2 misbehaves in production")
     assert (moved["action"], moved["actor"], moved["champion_version"]) == ("moved", "alice", v2)
     assert "roll back" in moved["reason"] and "v2 misbehaves in production" in moved["reason"]
@@ -470,7 +472,7 @@ def test_operator_levers_are_recorded_with_who_and_why(
     assert cli("promote", "--pin", "--reason", "incident 42")["action"] == "pin"
     again = cli("promote", "--pin", "--reason", "me too")
     assert again["action"] == "unchanged" and "already pinned by alice" in again["reason"]
-    pinned = registry.promote(cfg, [runs.medium], date="2024-01-04", actor="airflow gru4rec_daily run r1")
+    pinned = promotion.promote(cfg, [runs.medium], date="2024-01-04", actor="airflow gru4rec_daily run r1")
     assert pinned.action == "pinned" and pinned.rules_action == "promoted" and not pinned.alias_moved
     assert pinned.test is not None and pinned.test.p_value < cfg.tracking.significance  # still compared
     assert "incident 42" in pinned.reason and champion_run(cfg) == runs.weak
@@ -487,7 +489,7 @@ def test_operator_levers_are_recorded_with_who_and_why(
     assert f"@champion v{v1} set by operator (moved, alice)" in note
 
     assert cli("promote", "--unpin", "--reason", "incident closed")["action"] == "unpin"
-    after = registry.promote(cfg, [runs.medium])
+    after = promotion.promote(cfg, [runs.medium])
     assert after.action == "promoted" and champion_run(cfg) == runs.medium
 
     history = cli("promote", "--history", "--json", "--limit", "50")
@@ -524,35 +526,35 @@ def test_levers_during_a_comparison_make_the_promotion_compare_again(runs: Simpl
     """The lock and the re-comparison cover the levers: a move or a pin between a promotion's comparison
     and its alias move is seen under the lock."""
     cfg = config()
-    first = registry.promote(cfg, [runs.weak])
-    assert registry.promote(cfg, [runs.medium]).action == "promoted"
-    moves: list[registry.Decision] = []
+    first = promotion.promote(cfg, [runs.weak])
+    assert promotion.promote(cfg, [runs.medium]).action == "promoted"
+    moves: list[Decision] = []
 
-    def move_back(_decision: registry.Decision) -> None:
+    def move_back(_decision: Decision) -> None:
         if not moves:
             moves.append(
-                registry.move_champion(
+                levers.move_champion(
                     cfg, first.candidate_version, "operator acts mid-comparison", actor="bob"
                 )
             )
 
-    decision = registry.promote(cfg, [runs.strong], on_compared=move_back)
+    decision = promotion.promote(cfg, [runs.strong], on_compared=move_back)
     assert moves[0].action == "moved"
     assert decision.champion_version == first.candidate_version  # compared again, with the moved-to champion
     assert decision.action == "promoted" and champion_run(cfg) == runs.strong
 
     frozen = config()
-    registry.promote(frozen, [runs.weak])
-    pins: list[registry.Decision] = []
+    promotion.promote(frozen, [runs.weak])
+    pins: list[Decision] = []
 
-    def pin_now(_decision: registry.Decision) -> None:
+    def pin_now(_decision: Decision) -> None:
         if not pins:
-            pins.append(registry.pin(frozen, "freeze during the comparison", actor="carol"))
+            pins.append(levers.pin(frozen, "freeze during the comparison", actor="carol"))
 
-    decision = registry.promote(frozen, [runs.strong], on_compared=pin_now)
+    decision = promotion.promote(frozen, [runs.strong], on_compared=pin_now)
     assert decision.action == "pinned" and decision.rules_action == "promoted"
     assert champion_run(frozen) == runs.weak
-    assert registry.lock_name(frozen.tracking.registered_model) not in {
+    assert lock.lock_name(frozen.tracking.registered_model) not in {
         m.name for m in client().search_registered_models()
     }
 
