@@ -14,6 +14,12 @@ INPUT_HELP = "a GRU4Rec TSV file (SessionId<TAB>ItemId<TAB>Time), a Parquet file
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    _register_train(subparsers)
+    _register_evaluate(subparsers)
+    _register_tune(subparsers)
+
+
+def _register_train(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "train",
         help="train GRU4Rec (session-parallel, sampled output, Adagrad) and write a model directory",
@@ -30,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-resume", action="store_true", help="start over even if --out holds a checkpoint")
     p.set_defaults(handler=_train)
 
+
+def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "evaluate",
         help="full-ranking next-item evaluation of a trained model, with POP and S-POP baselines",
@@ -50,6 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.set_defaults(handler=_evaluate)
 
+
+def _register_tune(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "tune",
         help="bounded hyperparameter search (Optuna) on train/valid, maximising a validation metric",

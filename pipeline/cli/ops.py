@@ -58,7 +58,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 def _retention(args: argparse.Namespace) -> int:
     from pipeline.flow import retention
-    from pipeline.flow.tasks import output_root
+    from pipeline.flow.settings import output_root
 
     cfg = load_settings(args)
     today = args.today or dt.datetime.now(dt.UTC).date()
@@ -124,7 +124,7 @@ def _register_backfill(subparsers: Any) -> None:
 
 def _environment(args: argparse.Namespace) -> tuple[Any, str]:
     """The config and output root; with --stack, this process talks to the stack's MLflow and S3."""
-    from pipeline.flow.tasks import output_root
+    from pipeline.flow.settings import output_root
 
     cfg = load_settings(args)
     default_output = ""
