@@ -250,11 +250,11 @@ def write_bytes(uri: str, data: bytes) -> None:
         with fs.open_output_stream(path) as out:
             out.write(data)
         return
-    path = Path(_local_path(uri))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    local = Path(_local_path(uri))
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_bytes(data)
-    os.replace(tmp, path)
+    os.replace(tmp, local)
 
 
 def dumps_json(obj: Any) -> bytes:
