@@ -7,10 +7,10 @@ and by the tests; mode 0600 because it holds the generated secrets.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline.config import env
 from pipeline.errors import PipelineError
 from pipeline.flow.airflow_api import AirflowAPI
 from pipeline.stack.services import ADMIN_USER
@@ -92,4 +92,4 @@ class StackState:
 
 
 def default_home() -> Path:
-    return Path(os.environ.get("PIPELINE_HOME", ".local")).resolve() / "stack"
+    return env().home / "stack"
