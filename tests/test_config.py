@@ -120,3 +120,48 @@ def test_allowed_values_match_the_stages():
     assert set(INPUT_FORMATS) == set(formats.FORMATS) and EVENT_COLUMNS == formats.CANONICAL_COLUMNS
     assert set(TIMESTAMP_UNITS) == set(times.TIMESTAMP_UNITS)
     assert TIES == evaluate.TIES and set(LOSSES) == set(losses.LOSSES)
+
+
+SETTING_COMMANDS = ("validate", "build", "train", "evaluate", "tune", "track", "promote", "models", "retention",
+                    "status", "backfill")
+
+
+def test_every_command_that_reads_settings_takes_the_same_config_and_set():
+    from pipeline.cli.main import build_parser
+
+    commands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    seen = set()
+    for name in SETTING_COMMANDS:
+        options = {o: a for a in commands[name]._actions for o in a.option_strings}
+        config, overrides = options["--config"], options["--set"]
+        assert "$PIPELINE_CONFIG" in config.help and config.default is None
+        assert (overrides.dest, overrides.nargs, overrides.metavar) == ("overrides", None, "SECTION.NAME=VALUE")
+        assert ("--gru4rec" in options) == (name in ("train", "tune", "track")), name
+        seen.add((type(config), config.help, type(overrides)))
+    assert len(seen) == 1  # one helper built them all
+    args = build_parser().parse_args(["models", "--set", "tracking.experiment=a", "--set", "eval.ties=median"])
+    assert args.overrides == ["tracking.experiment=a", "eval.ties=median"]
+
+
+def test_pipeline_config_is_every_commands_default(tmp_path, monkeypatch):
+    from pipeline.cli.main import build_parser
+    from pipeline.cli.settings import load_settings
+
+    path = tmp_path / "deployment.yaml"
+    path.write_text("tracking:\n  experiment: from-env\n")
+    monkeypatch.setenv("PIPELINE_CONFIG", str(path))
+    args = build_parser().parse_args(["models", "--set", "tracking.registered_model=m"])
+    cfg = load_settings(args)
+    assert (cfg.tracking.experiment, cfg.tracking.registered_model) == ("from-env", "m")
+
+
+def test_help_imports_no_heavy_dependency():
+    """`python -m pipeline --help` stays well under a second: no yaml, torch, pyarrow, MLflow or Airflow."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline", "--help"], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+    assert not imported & {"yaml", "torch", "pyarrow", "mlflow", "airflow", "numpy", "great_expectations"}
