@@ -26,7 +26,7 @@ when it is better than the model in production.
 6. **summary**: the decision, metrics vs champion and baselines and links to the MLflow runs, in the
    task log and as this DAG run's note.
 7. **watch**: warns when a day's quarantined share is above `alerts.quarantine_warn_share` or the
-   champion stayed in place for `alerts.champion_stale_runs` decisions in a row (pipeline/flow/alerts.py).
+   champion stayed in place for `alerts.champion_stale_runs` decisions in a row (pipeline/flow/watch.py).
 8. **retention**: deletes outputs older than the `retention.*_days` ages, never what `@champion` /
    `@challenger` were built from (pipeline/flow/retention.py; `python -m pipeline retention --dry-run`).
 
@@ -44,7 +44,8 @@ Deployment settings (data/output roots, queue, pool, retries, schedule) come fro
 config file named by `PIPELINE_CONFIG` (section `airflow:`) and `PIPELINE_DATA_URI` /
 `PIPELINE_OUTPUT_URI` / `MLFLOW_TRACKING_URI`. The `gpu` pool must exist
 (`airflow pools set gpu 1 "GPU trainers"`) and a Celery worker must listen on the queue
-(`airflow celery worker -q gpu`). All logic lives in `pipeline/flow/tasks.py`.
+(`airflow celery worker -q gpu`). Each task makes one call into `pipeline/flow/tasks.py`, where its XCom
+values become the typed contracts of `pipeline/flow/contracts.py`; all logic lives under `pipeline/flow/`.
 """
 
 from __future__ import annotations
@@ -53,10 +54,10 @@ from typing import Any
 
 from airflow.sdk import Asset, Param, PokeReturnValue, dag, get_current_context, task
 
-from pipeline.flow import alerts, tasks
+from pipeline.flow import alerts, failures, settings, tasks
 
-SETTINGS = tasks.dag_settings()
-CONFIG = tasks.load_pipeline_config()  # alert channels and the deadline (pipeline.flow.alerts)
+SETTINGS = settings.dag_settings()
+CONFIG = settings.load_pipeline_config()  # alert channels and the deadline (pipeline.flow.alerts)
 SESSION_DATASET = Asset(name=SETTINGS.dataset_asset[0], uri=SETTINGS.dataset_asset[1])
 
 
@@ -82,7 +83,7 @@ def _as_list(mapped_results: Any) -> list[Any]:
         # Bad data, bad settings and NaN losses fail at once: retrying cannot fix them.
         "retry_policy": SETTINGS.retry_policy(),
         # Called once a task failed for good (after its last retry): log + close the MLflow run, then tell people.
-        "on_failure_callback": [tasks.on_task_failure, *alerts.failure_callbacks(CONFIG)],
+        "on_failure_callback": [failures.on_task_failure, *alerts.failure_callbacks(CONFIG)],
     },
     params={
         "window_start": Param(
@@ -138,7 +139,7 @@ def _as_list(mapped_results: Any) -> list[Any]:
 def gru4rec_daily() -> None:
     @task
     def plan(params: dict[str, Any] | None = None, logical_date=None, dag_run=None) -> dict[str, Any]:
-        return tasks.plan_run(
+        return tasks.plan(
             params or {}, logical_date=logical_date, dag_id=dag_run.dag_id, run_id=dag_run.run_id
         )
 
@@ -150,21 +151,21 @@ def gru4rec_daily() -> None:
     def wait_for_partition(run: dict[str, Any]) -> PokeReturnValue:
         context = get_current_context()
         first_poke = context["ti"].get_first_reschedule_date(context)
-        record = tasks.wait_for_partitions(run, first_poke)
+        record = tasks.wait_for_partition(run, first_poke)
         return PokeReturnValue(is_done=record is not None, xcom_value=record)
 
     @task
     def partitions(run: dict[str, Any]) -> list[dict[str, Any]]:
-        return tasks.list_partitions(run)
+        return tasks.partitions(run)
 
     @task(map_index_template="{{ partition_date }}")
     def validate(partition: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
         get_current_context()["partition_date"] = partition["date"]  # type: ignore[typeddict-unknown-key]
-        return tasks.validate_partition(partition, run)
+        return tasks.validate(partition, run)
 
     @task(outlets=[SESSION_DATASET])
     def build(run: dict[str, Any], reports: list[dict[str, Any]], outlet_events=None) -> dict[str, Any]:
-        dataset = tasks.build_dataset(run, _as_list(reports))
+        dataset = tasks.build(run, _as_list(reports))
         outlet_events[SESSION_DATASET].extra = tasks.asset_extra(run, dataset)
         return dataset
 
@@ -175,28 +176,26 @@ def gru4rec_daily() -> None:
     @task(queue=SETTINGS.queue, pool=SETTINGS.pool, map_index_template="{{ trial_name }}")
     def train(trial: dict[str, Any]) -> dict[str, Any]:
         get_current_context()["trial_name"] = f"{trial['name']} {trial['label']}"  # type: ignore[typeddict-unknown-key]
-        return tasks.train_trial(trial)
+        return tasks.train(trial)
 
     @task
     def promote(
         run: dict[str, Any], dataset: dict[str, Any], results: list[dict[str, Any]]
     ) -> dict[str, Any]:
-        return tasks.evaluate_and_promote(run, dataset, _as_list(results))
+        return tasks.promote(run, dataset, _as_list(results))
 
     @task
     def summary(run: dict[str, Any], decision: dict[str, Any]) -> str:
-        return tasks.summarize(run, decision)
+        return tasks.summary(run, decision)
 
     @task
     def watch(run: dict[str, Any], dataset: dict[str, Any], decision: dict[str, Any]) -> list[dict[str, Any]]:
         # `decision` only orders it after promote: the champion's record then includes today's decision.
-        return alerts.check_run(run, dataset)
+        return tasks.watch(run, dataset)
 
     @task
     def retention(run: dict[str, Any]) -> dict[str, Any]:
-        from pipeline.flow.retention import retention_task
-
-        return retention_task(run)
+        return tasks.retention(run)
 
     run = plan()
     partition_list = partitions(run)

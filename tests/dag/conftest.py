@@ -22,14 +22,14 @@ DAGS = REPO / "dags"
 @pytest.fixture(scope="session")
 def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """Point Airflow at a fresh SQLite metadata DB (``airflow db migrate`` once) for the whole session."""
-    from pipeline.flow import demo
+    from pipeline.flow import embedded
 
     home = tmp_path_factory.mktemp("airflow")
-    env = demo.airflow_env(home, DAGS)
+    env = embedded.airflow_env(home, DAGS)
     with pytest.MonkeyPatch.context() as mp:
         for key, value in env.items():
             mp.setenv(key, value)
-        demo.migrate_airflow_db(env)
+        embedded.migrate_airflow_db(env)
         if "airflow.settings" in sys.modules:
             # Airflow was imported earlier in this session with another home: re-point its ORM.
             from airflow import settings

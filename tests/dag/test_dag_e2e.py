@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from pipeline.data.generate import generate_clicks
-from pipeline.flow import demo
+from pipeline.flow import embedded
 
 DAY = dt.date(2026, 3, 1)
 CONFIG = {
@@ -132,9 +132,9 @@ def asset_events(run_id: str) -> list[dict[str, Any]]:
 
 def test_two_dates_promote_then_compete_and_a_rerun_changes_nothing(pipeline_env: dict[str, Path]) -> None:
     generate(pipeline_env["clicks"], DAY, 4)
-    dag = demo.load_dag()
+    dag = embedded.load_dag()
 
-    first = demo.run_dag(dag, day(2))
+    first = embedded.run_dag(dag, day(2))
     assert first.ok, first.failed
     decision = first.summary["decision"]
     assert decision["action"] == "promoted" and decision["champion_version"] is None
@@ -157,7 +157,7 @@ def test_two_dates_promote_then_compete_and_a_rerun_changes_nothing(pipeline_env
          "dag_run_id": first.run_id}
     ]  # fmt: skip
 
-    second = demo.run_dag(dag, day(3))
+    second = embedded.run_dag(dag, day(3))
     assert second.ok, second.failed
     decision = second.summary["decision"]
     # The second date competes with the first date's champion, re-evaluated on the same (new) test data.
@@ -171,7 +171,7 @@ def test_two_dates_promote_then_compete_and_a_rerun_changes_nothing(pipeline_env
     assert before["runs"][("training", "FINISHED")] == 4 and before["runs"][("parent", "FINISHED")] == 2
     assert [v for v, _ in before["versions"]] == ["1", "2"]
 
-    rerun = demo.run_dag(dag, day(2))
+    rerun = embedded.run_dag(dag, day(2))
     assert rerun.ok, rerun.failed
     assert rerun.run_id != first.run_id  # Airflow replaced the run of that date...
     assert mlflow_state() == before  # ...but no MLflow run, registry version or alias changed
@@ -187,9 +187,9 @@ def test_corrupted_rows_are_quarantined_and_training_goes_on(
 ) -> None:
     corruption = {"null_item_id": 0.003, "duplicate": 0.003, "out_of_order": 0.002}
     generated = generate(pipeline_env["clicks"], DAY, 3, corruption=corruption)
-    dag = demo.load_dag()
+    dag = embedded.load_dag()
 
-    outcome = demo.run_dag(dag, day(2), conf={"grid": [{"learning_rate": 0.1}]})
+    outcome = embedded.run_dag(dag, day(2), conf={"grid": [{"learning_rate": 0.1}]})
     assert outcome.ok, outcome.failed
     out = pipeline_env["home"] / "output" / "validated"
     for partition in generated["partitions"]:
@@ -224,9 +224,9 @@ def test_table_level_failure_stops_before_training_and_registers_nothing(
     generate(pipeline_env["clicks"], DAY, 2)
     # The run's own day: 5% of the rows have no session id, far above the 1% quarantine threshold.
     generate(pipeline_env["clicks"], day(2), 1, corruption={"null_session_id": 0.05})
-    dag = demo.load_dag()
+    dag = embedded.load_dag()
 
-    outcome = demo.run_dag(dag, day(2))
+    outcome = embedded.run_dag(dag, day(2))
     assert outcome.state == "failed"
     tis = task_instances(outcome.run_id)
     failed = {k: v for k, v in tis.items() if v["state"] == "failed"}
@@ -307,9 +307,9 @@ def test_summary_task_sets_the_run_note_through_the_rest_api(
 ) -> None:
     """In a deployment tasks cannot reach the metadata DB: the note goes through the api-server."""
     generate(pipeline_env["clicks"], DAY, 3)
-    dag = demo.load_dag()
+    dag = embedded.load_dag()
     logical = dt.datetime.combine(day(2), dt.time(), tzinfo=dt.UTC)
-    dr = dag.test(logical_date=logical, run_conf={"grid": [{"learning_rate": 0.1}]})  # no demo.set_note here
+    dr = dag.test(logical_date=logical, run_conf={"grid": [{"learning_rate": 0.1}]})  # no embedded.set_note here
     assert str(dr.state) == "success"
     note = dag_run_note(dr.run_id)
     assert note is not None and note.startswith(f"**promoted**: gru4rec v1 is now @champion ({day(2)})")
@@ -323,9 +323,9 @@ def test_a_diverging_trial_fails_the_run_without_retry_and_closes_its_mlflow_run
     pipeline_env: dict[str, Path],
 ) -> None:
     generate(pipeline_env["clicks"], DAY, 3)
-    dag = demo.load_dag()
+    dag = embedded.load_dag()
 
-    outcome = demo.run_dag(dag, day(2), conf={"grid": [{"learning_rate": 1e30}]})  # the loss diverges
+    outcome = embedded.run_dag(dag, day(2), conf={"grid": [{"learning_rate": 1e30}]})  # the loss diverges
     assert outcome.state == "failed"
     tis = task_instances(outcome.run_id)
     # A NaN loss is not retried (retries=2): the same seed would diverge the same way.

@@ -1,4 +1,4 @@
-"""The demo's import of one log file into daily Parquet partitions (pipeline.flow.demo.import_by_day): what the
+"""The demo's import of one log file into daily Parquet partitions (pipeline.flow.demo_data.import_by_day): what the
 source format implies travels in the Parquet metadata, and malformed lines are set aside, not fatal."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import IngestConfig, ValidationConfig
 from pipeline.data.validate import validate
-from pipeline.flow import demo
+from pipeline.flow import demo_data
 
 # Diginetica: a session's views in no particular time order (timeframe = ms since the session started),
 # and one line cut short by a crashed writer.
@@ -35,7 +35,7 @@ def test_diginetica_keeps_its_unordered_rows_valid_after_the_import(tmp_path: Pa
     out = tmp_path / "imported"
     said: list[str] = []
 
-    assert demo.import_by_day(str(source), out, said.append) == str(out)
+    assert demo_data.import_by_day(str(source), out, said.append) == str(out)
 
     assert sorted(p.name for p in out.glob("dt=*")) == ["dt=2016-05-09", "dt=2016-05-10"]
     metadata = pq.read_schema(out / "dt=2016-05-09" / "events.parquet").metadata
@@ -52,7 +52,7 @@ def test_diginetica_keeps_its_unordered_rows_valid_after_the_import(tmp_path: Pa
     assert report["success"] and report["rows_quarantined"] == 0
     assert "session_order" not in {e["rule"] for e in report["expectations"]}
     # A second import of the same file reuses the partitions.
-    demo.import_by_day(str(source), out, said.append)
+    demo_data.import_by_day(str(source), out, said.append)
     assert said[-1].startswith(f"  reusing {out}")
 
 
@@ -60,7 +60,7 @@ def test_an_ordered_format_is_marked_ordered(tmp_path: Path) -> None:
     source = tmp_path / "clicks.tsv"
     source.write_text(GRU4REC)
     out = tmp_path / "imported"
-    demo.import_by_day(str(source), out, lambda _: None)
+    demo_data.import_by_day(str(source), out, lambda _: None)
     metadata = pq.read_schema(out / "dt=2016-05-09" / "events.parquet").metadata
     assert (metadata[b"pipeline.format"], metadata[b"pipeline.ordered"]) == (b"gru4rec", b"true")
     assert not (out / "_rejected.parquet").exists()

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from pipeline.data.generate import generate_clicks
-from pipeline.flow import demo
+from pipeline.flow import embedded
 
 DAY = dt.date(2026, 3, 1)
 RUN_DAY = DAY + dt.timedelta(days=2)
@@ -113,7 +113,7 @@ def test_a_partition_that_arrives_after_the_run_started_is_waited_for(
 
     writer = threading.Thread(target=arrive, daemon=True)
     writer.start()
-    outcome = demo.run_dag(demo.load_dag(), RUN_DAY)
+    outcome = embedded.run_dag(embedded.load_dag(), RUN_DAY)
     writer.join(timeout=5)
     assert not late_writer, late_writer
     assert outcome.ok, outcome.failed
@@ -138,10 +138,10 @@ def test_a_partition_that_never_arrives_fails_the_run_with_a_clear_message(
     (pipeline_home / "data" / "clicks" / f"dt={DAY + dt.timedelta(days=1)}" / "_SUCCESS").unlink()
     terminal = io.StringIO()
 
-    with demo.progress_listener(terminal):
+    with embedded.progress_listener(terminal):
         # Two required days: the day before has data but its writer never finished; the run's day never came.
-        outcome = demo.run_dag(
-            demo.load_dag(), RUN_DAY, conf={"window_start": str(DAY + dt.timedelta(days=1))}
+        outcome = embedded.run_dag(
+            embedded.load_dag(), RUN_DAY, conf={"window_start": str(DAY + dt.timedelta(days=1))}
         )
 
     assert outcome.state == "failed"

@@ -1,4 +1,4 @@
-"""Every alert kind, built by pipeline.flow.alerts from real inputs (GX reports, MLflow decision records, the
+"""Every alert kind, built by pipeline.flow.alerts and pipeline.flow.watch from real inputs (GX reports, MLflow decision records, the
 deadline callback's context) and delivered through Airflow notifiers to a real SMTP server and a real
 webhook receiver on 127.0.0.1 (tests/alert_receivers.py)."""
 
@@ -17,10 +17,11 @@ from alert_receivers import RECIPIENTS, SENDER, SMTP_CONN_ID, WEBHOOK_CONN_ID, W
 from pipeline.config import AlertsConfig, PipelineConfig, ValidationConfig, from_mapping
 from pipeline.data.generate import generate_clicks
 from pipeline.errors import TrainingError, ValidationFailed
-from pipeline.flow import alerts
+from pipeline.flow import alerts, notify, watch
+from pipeline.flow.contracts import RunPlan
 
 DAY = dt.date(2026, 3, 1)
-CHANNELS = alerts.Channels(RECIPIENTS, "", SMTP_CONN_ID, WEBHOOK_CONN_ID)
+CHANNELS = notify.Channels(RECIPIENTS, "", SMTP_CONN_ID, WEBHOOK_CONN_ID)
 
 
 @dataclass
@@ -41,6 +42,12 @@ class TaskInstance:
             raise KeyError(task_ids)
         assert task_ids == "partitions"
         return self.partitions
+
+
+def _run(dag_id: str, run_id: str) -> RunPlan:
+    """A run's plan with what the alerts read (DAG, run, first day of its window); the rest left empty."""
+    day = str(DAY)
+    return RunPlan(dag_id, run_id, day, day, day, "", "", "", "", "", trials=[], config={})
 
 
 @pytest.fixture
@@ -93,7 +100,7 @@ def _record_decisions(cfg: PipelineConfig, actions: list[str], model: str | None
 def test_every_alert_kind_arrives_by_email_and_webhook(
     tmp_path: Path, home: Path, alert_receivers: Any
 ) -> None:
-    run = {"dag_id": "gru4rec_daily", "run_id": "manual__1", "window_start": str(DAY)}
+    run = _run("gru4rec_daily", "manual__1")
     cfg = from_mapping(PipelineConfig, {"alerts": {"champion_stale_runs": 3, "quarantine_warn_share": 0.001}})
 
     # 1. a task failed after its last retry, through the DAG's failure notifier (Airflow's __call__ path)
@@ -118,7 +125,7 @@ def test_every_alert_kind_arrives_by_email_and_webhook(
     # ("unchanged": a re-run's no-op, neither counts nor ends the streak)
     _record_decisions(cfg, ["challenger", "promoted", "challenger", "unchanged", "refused", "challenger"])
     _record_decisions(cfg, ["promoted"], model="another-model")  # another model's decision is not counted
-    decisions = alerts.recent_decisions(cfg, 10)
+    decisions = watch.recent_decisions(cfg, 10)
     assert [d.action for d in decisions] == [
         "challenger",
         "refused",
@@ -127,17 +134,17 @@ def test_every_alert_kind_arrives_by_email_and_webhook(
         "promoted",
         "challenger",
     ]
-    assert alerts.champion_stale_alert(cfg, run, decisions[1:]) is None  # 2 < 3
-    stale = alerts.champion_stale_alert(cfg, run, decisions)
+    assert watch.champion_stale_alert(cfg, run, decisions[1:]) is None  # 2 < 3
+    stale = watch.champion_stale_alert(cfg, run, decisions)
     assert stale is not None and stale.details["streak"] == 3
-    assert alerts.send(stale, CHANNELS) == []
+    assert notify.send(stale, CHANNELS) == []
 
     # 5. a quarantined share above the warning threshold, below the failing one (a passing real report)
     ok_out, ok_failure = _validated(tmp_path / "ok", {"null_item_id": 0.004})
     assert ok_failure is None
-    warnings = alerts.quarantine_alerts(run, [f"{ok_out}/report.json"], cfg.alerts, cfg.validation)
+    warnings = watch.quarantine_alerts(run, [f"{ok_out}/report.json"], cfg.alerts, cfg.validation)
     assert len(warnings) == 1
-    assert alerts.send(warnings[0], CHANNELS) == []
+    assert notify.send(warnings[0], CHANNELS) == []
 
     alert_receivers.wait_for(lambda r: len(r.mails) == 5 and len(r.posts) == 5)
     mail_kinds, post_kinds = alert_receivers.kinds()
@@ -199,18 +206,18 @@ def test_validation_alert_finds_the_report_in_the_message_without_xcom(
 def test_an_operator_pin_ends_the_streak() -> None:
     cfg = from_mapping(PipelineConfig, {"alerts": {"champion_stale_runs": 2}})
     records = [
-        alerts.DecisionRecord(str(i), a, "", i)
+        watch.DecisionRecord(str(i), a, "", i)
         for i, a in enumerate(["refused", "pinned", "challenger", "refused"])
     ]
-    assert alerts.unchanged_streak(records) == 1
-    assert alerts.champion_stale_alert(cfg, {"dag_id": "d", "run_id": "r"}, records) is None
+    assert watch.unchanged_streak(records) == 1
+    assert watch.champion_stale_alert(cfg, _run("d", "r"), records) is None
 
 
 def test_quiet_by_default_no_channel_no_notifier_no_deadline(home: Path) -> None:
     cfg = PipelineConfig()
     assert alerts.failure_callbacks(cfg) == []
     assert alerts.deadline(cfg) is None
-    assert not alerts.Channels.from_config(cfg.alerts).any
+    assert not notify.Channels.from_config(cfg.alerts).any
 
 
 def test_deadline_alert_is_built_from_the_config(home: Path) -> None:
@@ -234,9 +241,9 @@ def test_a_broken_channel_is_logged_and_the_other_still_delivers(
 
     monkeypatch.setenv("AIRFLOW_CONN_DEAD_HOOK", json.dumps({"conn_type": "http", "host": "127.0.0.1",
                                                              "port": free_port(), "schema": "http"}))  # fmt: skip
-    channels = alerts.Channels(RECIPIENTS, "", SMTP_CONN_ID, "dead_hook")
-    alert = alerts.Alert("task_failed", "critical", "t", "text")
-    assert alerts.send(alert, channels) == ["webhook dead_hook"]
+    channels = notify.Channels(RECIPIENTS, "", SMTP_CONN_ID, "dead_hook")
+    alert = notify.Alert("task_failed", "critical", "t", "text")
+    assert notify.send(alert, channels) == ["webhook dead_hook"]
     alert_receivers.wait_for(lambda r: len(r.mails) == 1)
     assert alert_receivers.posts == []
 
