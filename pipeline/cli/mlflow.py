@@ -11,8 +11,16 @@ import json
 import sys
 from typing import Any
 
+from pipeline.cli.settings import add_config_args, load_settings
+
 
 def register(subparsers: Any) -> None:
+    _register_track(subparsers)
+    _register_promote(subparsers)
+    _register_models(subparsers)
+
+
+def _register_track(subparsers: Any) -> None:
     track = subparsers.add_parser(
         "track",
         help="train GRU4Rec on a session dataset and log the run (params, metrics, model, plots) to MLflow",
@@ -20,7 +28,7 @@ def register(subparsers: Any) -> None:
         "it to MLflow (MLFLOW_TRACKING_URI, default: SQLite under $PIPELINE_HOME). Prints the run as JSON.",
     )
     track.add_argument("--dataset", required=True, help="session dataset directory or s3:// prefix")
-    _config_args(track)
+    add_config_args(track, example="gru4rec.n_epochs=2 --set tracking.experiment=dev", gru4rec=True)
     track.add_argument(
         "--run-key", help="idempotency key, e.g. 2024-05-01/trial-0: a finished run with it is reused"
     )
@@ -30,6 +38,8 @@ def register(subparsers: Any) -> None:
     track.add_argument("--out", help="also keep the trained model directory here")
     track.set_defaults(handler=_track)
 
+
+def _register_promote(subparsers: Any) -> None:
     promote = subparsers.add_parser(
         "promote",
         help="compare candidates with @champion in the MLflow registry and move the alias when one is better; "
@@ -63,9 +73,11 @@ def register(subparsers: Any) -> None:
     promote.add_argument(
         "--device", default="auto", help="device for re-evaluating the champion (default: auto)"
     )
-    _config_args(promote)
+    add_config_args(promote, example="tracking.promotion_margin=0.01")
     promote.set_defaults(handler=_promote)
 
+
+def _register_models(subparsers: Any) -> None:
     models = subparsers.add_parser(
         "models",
         help="list the registered model's versions: aliases, training window, metrics vs S-POP, origin",
@@ -74,28 +86,15 @@ def register(subparsers: Any) -> None:
         "and the last operator action that moved @champion to it; and whether @champion is pinned.",
     )
     models.add_argument("--json", action="store_true", help="print JSON instead of text")
-    _config_args(models)
+    add_config_args(models, example="tracking.registered_model=gru4rec")
     models.set_defaults(handler=_models)
 
 
-def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML/JSON pipeline config file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.NAME=VALUE",
-        help="override one setting, e.g. --set gru4rec.n_epochs=2 --set tracking.experiment=dev (repeatable)",
-    )
-
-
 def _track(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
-    from pipeline.tracking.runs import track_training
+    from pipeline.flow.trial import run_trial
 
-    cfg = load_config(args.config, args.overrides)
-    result = track_training(
+    cfg = load_settings(args)
+    result = run_trial(
         args.dataset,
         cfg,
         run_key=args.run_key,
@@ -109,11 +108,10 @@ def _track(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
     from pipeline.errors import ConfigError
-    from pipeline.tracking import registry
+    from pipeline.tracking import levers, promotion
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_settings(args)
     lever = next(
         (flag for flag in ("history", "to_version", "rollback", "pin", "unpin") if getattr(args, flag)), None
     )
@@ -132,16 +130,16 @@ def _promote(args: argparse.Namespace) -> int:
             print(registry_views.format_history(entries))
         return 0
     if lever == "to_version":
-        decision = registry.move_champion(cfg, args.to_version, args.reason)
+        decision = levers.move_champion(cfg, args.to_version, args.reason)
     elif lever == "rollback":
-        decision = registry.rollback(cfg, reason=args.reason)
+        decision = levers.rollback(cfg, reason=args.reason)
     elif lever == "pin":
-        decision = registry.pin(cfg, args.reason)
+        decision = levers.pin(cfg, args.reason)
     elif lever == "unpin":
-        decision = registry.unpin(cfg, args.reason)
+        decision = levers.unpin(cfg, args.reason)
     else:
-        run_ids = args.run_id or registry.candidate_runs(cfg, args.parent_run_id)
-        decision = registry.promote(cfg, run_ids, parent_run_id=args.parent_run_id, device=args.device)
+        run_ids = args.run_id or promotion.candidate_runs(cfg, args.parent_run_id)
+        decision = promotion.promote(cfg, run_ids, parent_run_id=args.parent_run_id, device=args.device)
         from pipeline.tracking import history as champion_history
 
         champion_history.log_for_decision(cfg, decision.to_dict())
@@ -150,10 +148,9 @@ def _promote(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
     from pipeline.tracking import views as registry_views
 
-    view = registry_views.models(load_config(args.config, args.overrides))
+    view = registry_views.models(load_settings(args))
     if args.json:
         _print(view.to_dict())
     else:
