@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import socket
 import threading
 import time
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PromotionError
+from pipeline.waiting import WaitTimeout, wait_until
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -45,27 +45,32 @@ def promotion_lock(
     """Hold the registry-wide promotion lock of ``model_name`` (see the module docstring)."""
     name = lock_name(model_name)
     owner = f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}:{uuid.uuid4().hex[:8]}"
-    deadline = time.monotonic() + timeout_s
-    while True:
+    holder = ""
+
+    def acquired() -> bool:
+        nonlocal holder
         try:
             client.create_registered_model(
                 name,
                 tags={"pipeline.lock_owner": owner},
                 description=f"Lock held while a promotion of {model_name!r} moves its aliases; deleted when it ends.",
             )
-            break
+            return True
         except MlflowException as exc:
             # RESOURCE_DOES_NOT_EXIST: the SQL store looks the existing lock up after its insert
             # collides, and the holder may release it in between. Both mean "contended, retry".
             if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                 raise
         holder = _break_if_stale(client, name, stale_s)
-        if time.monotonic() > deadline:
-            raise PromotionError(
-                f"timed out after {timeout_s:.0f}s waiting for the promotion lock {name!r} (held by {holder}); "
-                f"if no promotion is running, delete that registered model"
-            )
-        time.sleep(poll_s * (0.5 + random.random()))
+        return False
+
+    try:  # waiters that collided retry at spread-out times (jitter)
+        wait_until(acquired, timeout_s, poll_s, f"promotion lock {name!r}", jitter=0.5)
+    except WaitTimeout:
+        raise PromotionError(
+            f"timed out after {timeout_s:.0f}s waiting for the promotion lock {name!r} (held by {holder}); "
+            f"if no promotion is running, delete that registered model"
+        ) from None
     log.debug("promotion lock %s acquired by %s", name, owner)
     try:
         yield owner
