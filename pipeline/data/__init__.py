@@ -1,7 +1,14 @@
 """Click logs in, session datasets out.
 
-Reading raw logs in every supported format (``ingest``, ``schema``), the Great Expectations suite and the
-runner that quarantines bad rows (``expectations``, ``validate``), sessionizing, filtering and the temporal
-split into Parquet (``sessions``, ``spill``), the late-data check (``partitions``) and the synthetic log
-generator (``generate``). Imports nothing from the model, tracking or orchestration layers.
+Each stage has one entry module, with its parts beside it:
+
+- ``ingest``: read raw logs in every supported format into ``schema``'s canonical events
+  (``formats``, ``inputs``, ``readers``, ``text``, ``times``, ``columns``, ``canonical``);
+- ``validate``: the Great Expectations suite (``expectations``) run per batch, bad rows quarantined
+  (``batch``, ``gx_runner``, ``quarantine``, ``report``, ``validation_output``);
+- ``sessions``: order, filter, split in time and publish a session dataset
+  (``build``, ``buckets``, ``arrays``, ``session_rules``, ``spill``, ``manifest``, ``workdirs``);
+- ``partitions``: the late-data check; ``generate``: the synthetic log generator; ``progress``: progress lines.
+
+Imports nothing from the model, tracking or orchestration layers.
 """

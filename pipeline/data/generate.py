@@ -37,7 +37,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.data.ingest import progress
+from pipeline.data.progress import progress
 from pipeline.data.schema import EVENT_SCHEMA, EVENT_TYPE, ITEM_ID, SESSION_ID, TIMESTAMP, USER_ID
 from pipeline.errors import ConfigError
 
@@ -131,6 +131,7 @@ def _corrupt(
     item_ids: np.ndarray,
 ) -> tuple[pa.Table, dict[str, int]]:
     """Inject corruption into one partition (one row per distinct session); returns the table and counts."""
+    # ~60 lines: every kind of corruption draws from one RNG in a fixed order (the bytes depend on it).
     n = table.num_rows
     s_codes = pc.dictionary_encode(table.column(SESSION_ID)).combine_chunks().indices.to_numpy()
     ts = table.column(TIMESTAMP).cast(pa.int64()).to_numpy().copy()
@@ -180,27 +181,34 @@ def _corrupt(
         out = out.take(pa.array(order[np.argsort(position, kind="stable")]))
     bots = int(corruption.get("bot_sessions", 0))
     if bots > 0:
-        parts = [out]
-        for b in range(bots):
-            start = day_end_us - DAY_US + int(rng.integers(0, DAY_US // 2))
-            times = start + np.arange(bot_length) * 2_000_000
-            parts.append(
-                _table(
-                    np.full(bot_length, f"bot-{day}-{b}", dtype=object),
-                    item_ids[rng.integers(0, len(item_ids), size=bot_length)],
-                    times,
-                    np.full(bot_length, f"bot-{b}", dtype=object),
-                )
-            )
-        merged = pa.concat_tables(parts)
-        # Keep the stream time-ordered by merging the bot rows in by time (stable for the rest).
-        is_bot = np.concatenate([np.zeros(out.num_rows, dtype=bool), np.ones(bots * bot_length, dtype=bool)])
-        bot_ts = [p.column(TIMESTAMP).cast(pa.int64()).to_numpy() for p in parts[1:]]
-        merged_ts = np.concatenate([_stream_key(out), *bot_ts])
-        out = merged.take(pa.array(np.lexsort((is_bot, merged_ts))))
+        out = _add_bots(rng, out, bots, day, day_end_us, bot_length, item_ids)
         injected["bot_sessions"] = bots
         injected["bot_session_rows"] = bots * bot_length
     return out, injected
+
+
+def _add_bots(
+    rng: np.random.Generator, out: pa.Table, bots: int, day: str, day_end_us: int, bot_length: int, item_ids: np.ndarray
+) -> pa.Table:
+    """``bots`` sessions of ``bot_length`` events two seconds apart, merged into the day's stream by time."""
+    parts = [out]
+    for b in range(bots):
+        start = day_end_us - DAY_US + int(rng.integers(0, DAY_US // 2))
+        times = start + np.arange(bot_length) * 2_000_000
+        parts.append(
+            _table(
+                np.full(bot_length, f"bot-{day}-{b}", dtype=object),
+                item_ids[rng.integers(0, len(item_ids), size=bot_length)],
+                times,
+                np.full(bot_length, f"bot-{b}", dtype=object),
+            )
+        )
+    merged = pa.concat_tables(parts)
+    # Keep the stream time-ordered by merging the bot rows in by time (stable for the rest).
+    is_bot = np.concatenate([np.zeros(out.num_rows, dtype=bool), np.ones(bots * bot_length, dtype=bool)])
+    bot_ts = [p.column(TIMESTAMP).cast(pa.int64()).to_numpy() for p in parts[1:]]
+    merged_ts = np.concatenate([_stream_key(out), *bot_ts])
+    return merged.take(pa.array(np.lexsort((is_bot, merged_ts))))
 
 
 def _stream_key(table: pa.Table) -> np.ndarray:
@@ -226,6 +234,16 @@ def _write(table: pa.Table, uri: str, fmt: str) -> None:
         )
 
 
+def _check_args(corruption: Mapping[str, float], fmt: str, days: int, sessions_per_day: int, n_items: int) -> None:
+    unknown = sorted(set(corruption) - set(KINDS))
+    if unknown:
+        raise ConfigError(f"unknown corruption kind(s) {unknown}; known: {', '.join(KINDS)}")
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown output format {fmt!r}; one of {', '.join(FORMATS)}")
+    if days < 1 or sessions_per_day < 1 or n_items < 10:
+        raise ConfigError("generate needs days >= 1, sessions_per_day >= 1 and n_items >= 10")
+
+
 def generate_clicks(
     out_dir: str,
     *,
@@ -244,14 +262,9 @@ def generate_clicks(
 
     The same arguments always give the same bytes.
     """
+    # ~60 lines: one day's stream, corruption and file in one loop, as the RNG draws them in this order.
     corruption = dict(corruption or {})
-    unknown = sorted(set(corruption) - set(KINDS))
-    if unknown:
-        raise ConfigError(f"unknown corruption kind(s) {unknown}; known: {', '.join(KINDS)}")
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown output format {fmt!r}; one of {', '.join(FORMATS)}")
-    if days < 1 or sessions_per_day < 1 or n_items < 10:
-        raise ConfigError("generate needs days >= 1, sessions_per_day >= 1 and n_items >= 10")
+    _check_args(corruption, fmt, days, sessions_per_day, n_items)
     first_day = start_date if isinstance(start_date, dt.date) else dt.date.fromisoformat(str(start_date))
     cat = make_catalogue(n_items, seed)
     n_users = n_users or max(1, sessions_per_day * days // 3)
@@ -287,13 +300,12 @@ def generate_clicks(
             {"uri": uri, "date": day.isoformat(), "rows": table.num_rows, "generated_rows": clean_rows,
              "injected": injected, "expected_quarantined": expected}
         )  # fmt: skip
+    settings = {
+        "days": days, "start_date": first_day.isoformat(), "sessions_per_day": sessions_per_day, "n_items": n_items,
+        "seed": seed, "corruption": corruption, "format": fmt, "mean_session_length": mean_session_length,
+    }  # fmt: skip
     storage.write_json(
-        storage.join(out_dir, SUMMARY),
-        {
-            "days": days, "start_date": first_day.isoformat(), "sessions_per_day": sessions_per_day, "n_items": n_items,
-            "seed": seed, "corruption": corruption, "format": fmt, "mean_session_length": mean_session_length,
-            "partitions": partitions, "rows": sum(p["rows"] for p in partitions),
-        },
-    )  # fmt: skip
+        storage.join(out_dir, SUMMARY), settings | {"partitions": partitions, "rows": sum(p["rows"] for p in partitions)}
+    )
     log.info("generated %d partitions, %d events under %s", days, sum(p["rows"] for p in partitions), out_dir)
     return uris

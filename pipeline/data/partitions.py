@@ -77,11 +77,12 @@ class PartitionCheck:
 
 def check_partition(day: str, uri: str, marker: str = "") -> PartitionCheck:
     """Look once at one partition (a missing folder or prefix is simply not ready)."""
+    # Imported here: status screens and the sensor import this module for its records, without pyarrow.
     from pipeline import storage
-    from pipeline.data import ingest
+    from pipeline.data.inputs import is_data_file
 
     try:
-        has_data = bool(storage.list_files(uri, accept=ingest.is_data_file))
+        has_data = bool(storage.list_files(uri, accept=is_data_file))
     except InputError:  # not found
         has_data = False
     has_marker = bool(marker) and storage.exists(storage.join(uri, marker))

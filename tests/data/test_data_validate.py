@@ -17,7 +17,7 @@ import pytest
 from pipeline import storage
 from pipeline.cli.main import main as cli
 from pipeline.config import BuildConfig, IngestConfig, ValidationConfig
-from pipeline.data import sessions
+from pipeline.data import sessions, validation_output
 from pipeline.data import validate as validate_module
 from pipeline.data.generate import generate_clicks
 from pipeline.data.validate import validate
@@ -152,14 +152,17 @@ def test_clean_files_follow_the_report(tmp_path: Path, write_partition, good_day
     validate([str(root)], str(out))
     # A stray file in clean/ (say, of an older version still being deleted on S3) is not an input.
     (out / "clean" / "part-00000-0000000000000000.parquet").write_bytes(b"stale")
-    files = validate_module.clean_files(str(out))
+    files = validation_output.clean_files(str(out))
     assert files == [str(listed(out, "clean", i)) for i in range(3)]
     assert [Path(f).name[:10] for f in files] == ["part-00000", "part-00001", "part-00002"]  # batch order
     assert sum(pq.read_metadata(f).num_rows for f in files) == 3 * 160
     with pytest.raises(InputError, match=r"not a validation output: no report\.json"):
-        validate_module.clean_files(str(tmp_path / "clicks"))
+        validation_output.clean_files(str(tmp_path / "clicks"))
     # Reading the report must not import Great Expectations (seconds of start-up for every build).
-    code = "import sys; from pipeline import validate as v; v.clean_files(sys.argv[1]); print(*sys.modules)"
+    code = (
+        "import sys; from pipeline.data import validate; from pipeline.data import validation_output as v; "
+        "v.clean_files(sys.argv[1]); print(*sys.modules)"
+    )
     run = subprocess.run([sys.executable, "-c", code, str(out)], check=True, capture_output=True, text=True)
     loaded = run.stdout
     assert "pipeline.data.validate" in loaded and "great_expectations" not in loaded
@@ -287,7 +290,7 @@ def test_build_refuses_a_failed_validation(tmp_path: Path, write_partition, good
         sessions.build_dataset([str(tmp_path / "val")], str(tmp_path / "ds"))
     report_uri = storage.join(str(tmp_path / "val"), "report.json")
     with pytest.raises(InputError, match=re.escape(f"holds a failed validation (see {report_uri})")):
-        validate_module.clean_files(str(tmp_path / "val"))
+        validation_output.clean_files(str(tmp_path / "val"))
 
 
 def test_cli_exit_codes_and_contract(tmp_path: Path, write_partition, good_day, capsys) -> None:
@@ -330,12 +333,12 @@ DEFERRED_USE = """
 import gc
 import sys
 import pandas as pd
-from pipeline.data import validate
-context, _ = validate.gx_context()
+from pipeline.data import gx_runner
+context, _ = gx_runner.gx_context()
 gc_back_on = gc.isenabled()  # the GC is paused while GX loads, not left off
-placeholders = sorted(n for n in validate.DEFERRED_GX_IMPORTS if type(sys.modules[n]).__name__ == "_DeferredModule")
+placeholders = sorted(n for n in gx_runner.DEFERRED_GX_IMPORTS if type(sys.modules[n]).__name__ == "_DeferredModule")
 import importlib.util
-specs = all(importlib.util.find_spec(n) is not None for n in validate.DEFERRED_GX_IMPORTS)  # no load needed
+specs = all(importlib.util.find_spec(n) is not None for n in gx_runner.DEFERRED_GX_IMPORTS)  # no load needed
 import great_expectations as gx
 import great_expectations.expectations as gxe
 # An expectation that needs scipy.stats, run by GX itself: the placeholder must turn into the real module.
