@@ -83,14 +83,16 @@ class AirflowAPI:
         extra = conn.extra_dejson or {}
         return cls(base, conn.login or "", conn.password or "", token=extra.get("token") or None)
 
-    def _request(self, method: str, path: str, body: Any = None, auth: bool = True) -> Any:
+    def _request(
+        self, method: str, path: str, body: Any = None, auth: bool = True, timeout: float = TIMEOUT_S
+    ) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.base_url + path, data=data, method=method)
         req.add_header("Content-Type", "application/json")
         if auth:
             req.add_header("Authorization", f"Bearer {self.token()}")
         try:
-            with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read().decode(errors="replace")[:500]
@@ -123,6 +125,14 @@ class AirflowAPI:
 
     def put(self, path: str, body: Any = None) -> Any:
         return self._request("PUT", "/api/v2" + path, body)
+
+    def health(self, timeout: float = 3.0) -> dict[str, str]:
+        """Component -> status from ``/api/v2/monitor/health`` (no token needed); {} when the server does not answer."""
+        try:
+            data = self._request("GET", "/api/v2/monitor/health", auth=False, timeout=timeout)
+        except (OSError, ValueError, AirflowAPIError):
+            return {}
+        return {k: v.get("status", "?") for k, v in (data or {}).items() if isinstance(v, dict)}
 
     # -----------------------------------------------------------------------------------------
     # DAG runs

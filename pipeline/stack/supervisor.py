@@ -7,7 +7,6 @@ API server's ``/api/v2/monitor/health`` for the Airflow jobs, Celery's ready lin
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import time
@@ -112,12 +111,11 @@ def _worker_ready(state: StackState, name: str, since: int) -> bool:
 
 def airflow_health(state: StackState) -> dict[str, str]:
     """Component -> status from the API server's /api/v2/monitor/health ({} when it does not answer)."""
-    try:
-        with urllib.request.urlopen(f"{state.api_url}/api/v2/monitor/health", timeout=3) as resp:
-            data = json.load(resp)
-    except (OSError, ValueError):
-        return {}
-    return {k: v.get("status", "?") for k, v in data.items() if isinstance(v, dict)}
+    return state.api().health()
+
+
+def _api_answers(state: StackState) -> bool:
+    return bool(airflow_health(state))
 
 
 def _job_healthy(state: StackState, component: str) -> bool:
@@ -139,7 +137,7 @@ def wait_ready(
         if name == "mlflow":
             check = partial(http_ok, f"{state.mlflow_url}/health")
         elif name == "airflow-api-server":
-            check = partial(http_ok, f"{state.api_url}/api/v2/monitor/health")
+            check = partial(_api_answers, state)
         elif name in HEARTBEAT_JOBS:
             check = partial(_job_healthy, state, HEARTBEAT_JOBS[name])
         else:
