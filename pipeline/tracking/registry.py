@@ -8,9 +8,6 @@ rollback returns to). An operator's pin lives as tags on the registered model (:
 Who decides is elsewhere: :mod:`pipeline.tracking.promotion` (the rules), :mod:`pipeline.tracking.levers`
 (an operator), both under :mod:`pipeline.tracking.lock` and recorded by :mod:`pipeline.tracking.records`;
 this module owns the tag names they write and :mod:`pipeline.tracking.views` reads.
-
-``mlflow`` is imported inside the functions that use it: it takes ~3 s to import, and the tag names and
-:func:`decisions_query` are read by light callers (alerts) before they decide to query MLflow.
 """
 
 from __future__ import annotations
@@ -22,6 +19,9 @@ import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from pipeline.errors import PromotionError
 from pipeline.model import metric_names
@@ -39,7 +39,6 @@ from pipeline.tracking.runs import (
 )
 
 if TYPE_CHECKING:
-    from mlflow import MlflowClient
     from mlflow.entities import Run
     from mlflow.entities.model_registry import ModelVersion
 
@@ -95,16 +94,12 @@ def decisions_query(model_name: str) -> str:
 
 def mlflow_client(cfg: PipelineConfig) -> MlflowClient:
     """A client of the configured tracking store (the registry follows the tracking URI)."""
-    from mlflow import MlflowClient
-
     configure(cfg.tracking)
     return MlflowClient()
 
 
 def get_run(client: MlflowClient, run_id: str) -> Run:
     """The run, or a PromotionError naming it."""
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_run(run_id)
     except MlflowException as exc:
@@ -113,8 +108,6 @@ def get_run(client: MlflowClient, run_id: str) -> Run:
 
 def champion_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     """The version behind ``name@alias``, or None when the model or the alias does not exist."""
-    from mlflow.exceptions import MlflowException
-
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as exc:
@@ -148,8 +141,6 @@ def register_candidate(
     outcome), its training and test windows and its headline metrics. Call it inside
     :func:`promotion_lock` when promotions may run concurrently (``promote`` does).
     """
-    from mlflow.exceptions import MlflowException
-
     existing = find_version(client, name, run.info.run_id)
     if existing is not None:
         return existing
@@ -193,8 +184,6 @@ def version_training_window(client: MlflowClient, version: ModelVersion) -> Time
         return TimeWindow(start, end)
     if not version.run_id:
         return None
-    from mlflow.exceptions import MlflowException
-
     try:
         return training_window(client.get_run(version.run_id))
     except MlflowException:
@@ -230,8 +219,6 @@ class Pin:
 
 def pin_state(client: MlflowClient, name: str) -> Pin | None:
     """The pin on ``name``, or None when @champion is not pinned (or the model does not exist)."""
-    from mlflow.exceptions import MlflowException
-
     try:
         tags = client.get_registered_model(name).tags
     except MlflowException as exc:

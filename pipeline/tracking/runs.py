@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline import storage
+from pipeline import __version__, storage
 from pipeline.config import PipelineConfig, TrackingConfig, pipeline_home, to_dict
 from pipeline.errors import ConfigError
 
@@ -85,7 +85,7 @@ def default_artifact_location(uri: str, experiment: str) -> str | None:
 
 def configure(tcfg: TrackingConfig) -> str:
     """Point MLflow at the tracking store and return the id of the pipeline's experiment (created if needed)."""
-    import mlflow
+    import mlflow  # lazy: see the module docstring
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri()
@@ -144,8 +144,6 @@ def git_commit() -> tuple[str | None, bool | None]:
 
 def environment_tags() -> dict[str, str]:
     """Code version and, when running inside an Airflow task, the dag / run / task ids."""
-    from pipeline import __version__
-
     tags = {"pipeline.version": __version__}
     commit, dirty = git_commit()
     if commit:
@@ -192,7 +190,7 @@ def start_parent_run(
 ) -> str:
     """Create (or find again, for a retried task) the parent run that groups one DAG run's trials; with the
     dataset's ``manifest``, the validation reports and Data Docs of its data are logged on it (once)."""
-    import mlflow
+    import mlflow  # lazy: see the module docstring
 
     experiment_id = configure(cfg.tracking)
     client = mlflow.MlflowClient()
@@ -239,7 +237,7 @@ def log_validation(client: Any, run_id: str, manifest: Mapping[str, Any]) -> str
 
 def end_run(run_id: str, status: str = "FINISHED") -> None:
     """Mark a run (e.g. a parent run) as ended."""
-    import mlflow
+    import mlflow  # lazy: see the module docstring
 
     mlflow.MlflowClient().set_terminated(run_id, status)
 

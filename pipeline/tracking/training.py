@@ -26,6 +26,7 @@ import shutil
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,9 @@ import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.models import infer_signature
 
 import pipeline
 from pipeline.config import PipelineConfig, to_dict
@@ -176,10 +180,6 @@ def log_inputs(splits: Mapping[str, pa.Table], dataset_uri: str, fingerprint: st
     Metadata only (source, digest = dataset fingerprint, schema): the data is not copied into pandas, so a
     big training split costs nothing here; row counts are in the ``data.counts.*`` params.
     """
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.models import infer_signature
-
     contexts = {"train": "training", "valid": "validation", "test": "testing"}
     digest = fingerprint.split(":")[-1][:16]
     for split, table in splits.items():
@@ -328,8 +328,6 @@ def log_model(model_dir: Path, item_map: Path, tmp: Path) -> str:
 
 def model_requirements() -> list[str]:
     """Pinned runtime requirements of the served model (no slow inference of imports)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = []
     for dist in ("mlflow", "torch", "numpy", "pandas", "pyarrow", "PyYAML"):
         try:

@@ -11,6 +11,9 @@ import datetime as dt
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from mlflow.exceptions import MlflowException
+
+from pipeline.errors import ConfigError
 from pipeline.tracking import registry
 from pipeline.tracking.decision import SELECTED_ON_OPERATOR, TimeWindow, parse_metric
 from pipeline.tracking.runs import configure, quote
@@ -54,8 +57,6 @@ class HistoryEntry:
 def history(cfg: PipelineConfig, limit: int | None = 20) -> list[HistoryEntry]:
     """Every decision recorded for the registered model, newest first (``limit`` of them; None = all)."""
     if limit is not None and limit < 1:
-        from pipeline.errors import ConfigError
-
         raise ConfigError(f"--limit must be >= 1, got {limit}")
     client = registry.mlflow_client(cfg)
     experiment_id = configure(cfg.tracking)
@@ -177,8 +178,6 @@ class ModelsView:
 
 def models(cfg: PipelineConfig) -> ModelsView:
     """Every version of the registered model, newest first, with aliases, windows, metrics and origin."""
-    from mlflow.exceptions import MlflowException
-
     client = registry.mlflow_client(cfg)
     tcfg = cfg.tracking
     name = tcfg.registered_model
