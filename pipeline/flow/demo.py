@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import env as pipeline_env  # `env` is a services' environment here
 from pipeline.errors import InputError
 from pipeline.flow.demo_data import generate_demo_data, import_by_day, partition_days
 from pipeline.flow.embedded import (
@@ -40,7 +41,7 @@ from pipeline.flow.embedded import (
     progress_listener,
     run_dag,
 )
-from pipeline.flow.settings import CONFIG_ENV, OUTPUT_ENV, dag_settings
+from pipeline.flow.settings import CONFIG_ENV, dag_settings
 
 MLFLOW_UI_PORT = 5000
 AIRFLOW_UI_PORT = 8080
@@ -103,7 +104,7 @@ def run_demo(opts: DemoOptions) -> int:
             train_days = min(train_days, opts.train_days)
 
         say("[2/4] embedded Airflow (SQLite) and MLflow (SQLite)")
-        output_uri = os.environ.get(OUTPUT_ENV) or str(home / "output")
+        output_uri = pipeline_env().output_uri or str(home / "output")
         config_path = home / "demo-config.yaml"
         _write_yaml(config_path, demo_config(opts, data_uri, output_uri, days[0], train_days))
         env = _embedded_services(home, config_path, output_uri, say)

@@ -9,11 +9,10 @@ functions: the DAG file imports this module while it is parsed.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, env
 from pipeline.flow.contracts import (
     Champion,
     Dataset,
@@ -51,7 +50,7 @@ def evaluate_and_promote(run: RunPlan, dataset: Dataset, results: Sequence[Trial
             decision["action"],
         )
     else:
-        device = os.environ.get("PIPELINE_DEVICE", "auto")
+        device = env().device
         actor = f"airflow {run.dag_id} run {run.run_id}"
         decision = promote(
             cfg, run_ids, parent_run_id=parent, device=device, date=run.date, actor=actor

@@ -14,19 +14,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import PipelineConfig, from_mapping, load_config, pipeline_home
+from pipeline.config import PipelineConfig, env, from_mapping, load_config, pipeline_home
 from pipeline.data.partitions import WaitPolicy  # standard library and config only
 from pipeline.errors import ConfigError, InputError, TrainingError, ValidationFailed
 from pipeline.flow.contracts import RunPlan, Trial
 
-CONFIG_ENV = "PIPELINE_CONFIG"  # path of the YAML/JSON pipeline config every task reads
-DATA_ENV = "PIPELINE_DATA_URI"
-OUTPUT_ENV = "PIPELINE_OUTPUT_URI"
+CONFIG_ENV = "PIPELINE_CONFIG"  # set by the demo; read through pipeline.config.env() (the environment layer)
 
 
 def load_pipeline_config() -> PipelineConfig:
     """The deployment's config: defaults < the file named by ``$PIPELINE_CONFIG``."""
-    return load_config(os.environ.get(CONFIG_ENV) or None)
+    return load_config(env().config or None)
 
 
 def config_of(run: RunPlan | Trial | Mapping[str, Any]) -> PipelineConfig:
@@ -51,7 +49,7 @@ def data_root(cfg: PipelineConfig, override: str = "") -> str:
     chosen = (
         override
         or cfg.airflow.data_uri
-        or os.environ.get(DATA_ENV)
+        or env().data_uri
         or str(pipeline_home() / "data" / "clicks")
     )
     return _as_uri_root(chosen)
@@ -60,7 +58,7 @@ def data_root(cfg: PipelineConfig, override: str = "") -> str:
 def output_root(cfg: PipelineConfig, override: str = "") -> str:
     """Where outputs go: Param > config file > ``$PIPELINE_OUTPUT_URI`` > ``$PIPELINE_HOME/output``."""
     chosen = (
-        override or cfg.airflow.output_uri or os.environ.get(OUTPUT_ENV) or str(pipeline_home() / "output")
+        override or cfg.airflow.output_uri or env().output_uri or str(pipeline_home() / "output")
     )
     return _as_uri_root(chosen)
 

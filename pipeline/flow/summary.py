@@ -11,6 +11,7 @@ import logging
 import os
 from typing import Any
 
+from pipeline.config import env
 from pipeline.errors import PipelineError
 from pipeline.flow.airflow_api import AirflowAPI
 from pipeline.flow.contracts import Promotion, RunPlan, TrialResult, to_xcom
@@ -31,7 +32,7 @@ HEADLINES = {  # the note's first words per decision action ({model} and {versio
 
 def mlflow_run_link(experiment_id: str | None, run_id: str) -> str:
     """A link to the run in the MLflow UI (``$PIPELINE_MLFLOW_UI_URL`` or an http tracking URI), else ``runs:/``."""
-    base = os.environ.get("PIPELINE_MLFLOW_UI_URL", "").strip()
+    base = env().mlflow_ui_url
     tracking = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
     if not base and tracking.startswith(("http://", "https://")):
         base = tracking

@@ -9,10 +9,9 @@ module while it is parsed.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 
-from pipeline.config import PipelineConfig, from_mapping
+from pipeline.config import PipelineConfig, env, from_mapping
 from pipeline.flow.contracts import Dataset, RunPlan, Trial, TrialResult
 from pipeline.flow.settings import config_of, join, work_dir
 from pipeline.model import metric_names
@@ -71,7 +70,7 @@ def train_trial(trial: Trial) -> TrialResult:
     from pipeline.flow.trial import run_trial  # torch, pyarrow and MLflow: not at DAG parse time
 
     cfg = from_mapping(PipelineConfig, {**trial.config, "gru4rec": trial.params})
-    device = os.environ.get("PIPELINE_DEVICE", "auto")
+    device = env().device
     log.info("trial %s (%s) on %s: run key %s", trial.name, trial.label, device, trial.run_key)
     tracked = run_trial(
         trial.dataset_uri,
