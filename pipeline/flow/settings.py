@@ -135,10 +135,7 @@ def dag_settings() -> DagSettings:
     cfg = load_pipeline_config()
     af = cfg.airflow
     wait = WaitPolicy.from_config(af)
-    try:
-        start = dt.datetime.fromisoformat(af.start_date)
-    except ValueError:
-        raise ConfigError(f"airflow.start_date: expected YYYY-MM-DD, got {af.start_date!r}") from None
+    start = dt.datetime.fromisoformat(af.start_date)  # checked when the config was loaded (AirflowConfig)
     return DagSettings(
         dag_id=af.dag_id,
         schedule=af.schedule,
