@@ -45,7 +45,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 from pipeline import storage
-from pipeline.config import IngestConfig, ValidationConfig
+from pipeline.config import IngestConfig, ValidationConfig, env
 from pipeline.data import expectations as ex
 from pipeline.data import ingest as ingest_mod
 from pipeline.data.batch import BatchOutcome, BatchTask, parse_time, run_batch, suite_params, worker_init
@@ -67,7 +67,7 @@ WORK_IN_PARENT = True  # the calling process validates batches too (tests turn i
 # Helpers are forked on Linux (Arrow, NumPy and logging re-initialize their threads and locks after a fork):
 # no main-module re-import, and they are forked after this process has imported GX (seconds of CPU each),
 # so they inherit it. Spawned helpers start first and import GX alongside this process.
-START_METHOD = os.environ.get("PIPELINE_VALIDATE_START_METHOD") or ("fork" if sys.platform == "linux" else "spawn")
+START_METHOD = env().validate_start_method or ("fork" if sys.platform == "linux" else "spawn")
 
 
 def check_config(validation: ValidationConfig) -> None:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from pipeline.config import env as pipeline_env  # `env` names a variable here
 from pipeline.errors import PromotionError
 from pipeline.model import metric_names
 from pipeline.tracking.decision import TimeWindow
@@ -71,13 +72,12 @@ TAG_RECORD_MODEL = "registered_model"
 TAG_ACTOR = "promotion.actor"
 TAG_SELECTED_ON = "promotion.selected_on"
 TAG_DATE = "pipeline.date"
-ACTOR_ENV = "PIPELINE_ACTOR"  # who runs the CLI, when the OS user is not the person (shared accounts)
 LEVERS = ("rolled_back", "moved", "pin", "unpin")  # decisions made by an operator, not by the rules
 
 
 def default_actor() -> str:
     """Who is acting: ``$PIPELINE_ACTOR``, else ``user@host``."""
-    env = os.environ.get(ACTOR_ENV, "").strip()
+    env = pipeline_env().actor  # $PIPELINE_ACTOR: the person, when the OS user is a shared account
     if env:
         return env
     try:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline import __version__, storage
 from pipeline.config import PipelineConfig, TrackingConfig, pipeline_home, to_dict
+from pipeline.config import env as pipeline_env  # `env` names a variable here
 from pipeline.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def configure(tcfg: TrackingConfig) -> str:
 
 def git_commit() -> tuple[str | None, bool | None]:
     """The code version: ``PIPELINE_GIT_COMMIT`` (set in images without .git) or ``git rev-parse HEAD``."""
-    env = os.environ.get("PIPELINE_GIT_COMMIT")
+    env = pipeline_env().git_commit
     if env:
         return env, None
     repo = Path(__file__).resolve().parents[1]
