@@ -29,14 +29,11 @@ from pipeline.data.schema import TIMESTAMP_TYPE
 # BASIC: counts and a few example values per expectation (COMPLETE would also list every failing row,
 # and every extra metric makes GX copy the batch once more).
 RESULT_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": 10}
-
 _GX: dict[str, Any] = {}
-
 # Great Expectations imports these at module level for expectations this suite never uses (the KL divergence
 # chart, the KS tests): about 1 s of every validation's start-up, on one core while the other waits for the
 # fork. Each stands in as an empty module until something reads an attribute of it, which imports the real one.
 DEFERRED_GX_IMPORTS = ("altair", "scipy.stats")
-
 _DEFER_LOCK = threading.RLock()
 
 

@@ -19,7 +19,6 @@ log = logging.getLogger(__name__)
 
 
 PARTITION_DIR = re.compile(r"(?:^|/)dt=(\d{4}-\d{2}-\d{2})(?=/)")
-
 # In folders only files with these names are read (compressed or not); others are skipped and reported.
 DATA_SUFFIXES = (".tsv", ".tab", ".csv", ".dat") + PARQUET_SUFFIXES
 

@@ -38,7 +38,6 @@ class SessionRules:
 
 # Their names (as in the validation suite), in the order a row's reasons are joined.
 SESSION_RULES = ("session_order", "session_length")
-
 QUARANTINE_COLUMNS = pa.schema(list(SPLIT_SCHEMA)[:3] + [pa.field("reason", pa.string(), nullable=False)])
 
 

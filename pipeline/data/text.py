@@ -26,7 +26,6 @@ from pipeline.errors import InputError
 
 # Why a line was taken out while reading (the quarantine ``reason``), in the order a line's first reason is picked.
 LINE_REASONS = ("malformed_row", "repeated_header", "bad_encoding", "bad_timestamp")
-
 MAX_RAW_CHARS = 500  # raw text kept per rejected line
 
 

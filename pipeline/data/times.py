@@ -14,13 +14,9 @@ from pipeline.data.schema import TIMESTAMP_TYPE
 from pipeline.errors import InputError
 
 TIMESTAMP_UNITS = {"s": 1_000_000, "ms": 1_000, "us": 1}
-
 _MAX_SECONDS = 9.0e12  # beyond this a unix-seconds value overflows int64 microseconds: clipped to it
-
 _IMPLAUSIBLE_SECONDS = 1.0e11  # after year 5138: a file mostly beyond this is in a finer unit than configured
-
 NUMBER_TEXT = r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$"
-
 ISO_TEXT = r"^\d{4}-\d{2}-\d{2}([T ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?)?(Z|[+-]\d{2}:?\d{2})?$"
 
 
