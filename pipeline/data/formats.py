@@ -15,10 +15,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.config import IngestConfig
 from pipeline.data.schema import EVENT_SCHEMA, EVENT_TYPE, ITEM_ID, SESSION_ID, TIMESTAMP, USER_ID
-from pipeline.data.times import TIMESTAMP_UNITS
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -72,18 +70,6 @@ ORDERED_KEY = b"pipeline.ordered"
 FORMAT_KEY = b"pipeline.format"
 
 SNIFF_BYTES = 1 << 16
-
-
-def check_config(config: IngestConfig) -> None:
-    if config.format is not None and config.format not in FORMATS:
-        raise ConfigError(f"unknown input format {config.format!r}; known: {', '.join(FORMATS)}")
-    unknown = sorted(set(config.column_map) - set(CANONICAL_COLUMNS))
-    if unknown:
-        raise ConfigError(f"ingest.column_map: unknown canonical column(s) {unknown}; known: {list(CANONICAL_COLUMNS)}")
-    if config.timestamp_unit not in TIMESTAMP_UNITS:
-        raise ConfigError(f"ingest.timestamp_unit must be one of {list(TIMESTAMP_UNITS)}, got {config.timestamp_unit!r}")
-    if config.session_gap_minutes <= 0:
-        raise ConfigError("ingest.session_gap_minutes must be > 0")
 
 
 def base_name(uri: str) -> str:

@@ -45,7 +45,6 @@ from pipeline.data.formats import (
     ORDERED_KEY,
     PARQUET_SUFFIXES,
     base_name,
-    check_config,
     check_text,
     detect_format,
     sniff,
@@ -62,7 +61,6 @@ __all__ = [
     "ORDERED_KEY",
     "REJECT_SCHEMA",
     "FileRead",
-    "check_config",
     "decode_ids",
     "detect_format",
     "list_inputs",
@@ -95,7 +93,6 @@ def read_file(
     pages where the file has them, which makes large builds cheaper).
     """
     config = config or IngestConfig()
-    check_config(config)
     try:
         file_size = storage.size(uri)
     except InputError:
@@ -181,7 +178,6 @@ def read_events(
     dictionaries).
     """
     config = config or IngestConfig()
-    check_config(config)
     files, _ = list_inputs(inputs)
     tables, sessionize_needed = [], False
 

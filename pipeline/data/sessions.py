@@ -64,7 +64,7 @@ from pipeline.data.session_rules import SessionRules
 from pipeline.data.spill import ArrayStore
 from pipeline.data.validation_output import CLEAN, REPORT, clean_files
 from pipeline.data.workdirs import WORK_PREFIXES, sweep_stale_work_dirs
-from pipeline.errors import ConfigError, InputError
+from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,6 @@ class Splits:
         return {"train": self.train, "valid": self.valid, "test": self.test, "items": self.items}
 
 
-def check_config(build: BuildConfig) -> None:
-    if build.test_days < 0 or build.valid_days < 0:
-        raise ConfigError("build.test_days and build.valid_days must be >= 0 (0 = no such split)")
-    if build.min_session_length < 0 or build.min_item_support < 0:
-        raise ConfigError("build.min_session_length and build.min_item_support must be >= 0 (0 = off)")
-    if build.memory_budget_mb < 1:
-        raise ConfigError("build.memory_budget_mb must be >= 1 (megabytes of working memory for the build)")
-
-
 def _run_build(
     parts: Iterable[tuple[str, pa.Table]],
     build: BuildConfig,
@@ -107,7 +98,6 @@ def _run_build(
     """The whole build over ``parts`` (``(where, events)`` pairs, in input order). Split rows (and quarantined
     rows, as ``"quarantine"``) go to ``emit`` in order; returns the item map and the statistics.
     ``rules`` is read after the parts are (so a reader may switch its order rule off on the way)."""
-    check_config(build)
     budget = build.memory_budget_mb << 20
     max_rows = max(1, budget // BYTES_PER_ROW)
     # The stored codes take 16 of BYTES_PER_ROW bytes per event: over a third of the budget, spill them.
@@ -212,9 +202,7 @@ def build_dataset(
     Returns the manifest. Re-running on the same input writes byte-identical data files.
     """
     ingest = ingest or IngestConfig()
-    build = build or BuildConfig()
-    check_config(build)
-    ingest_mod.check_config(ingest)
+    build = build or BuildConfig()  # settings were checked when their section was built (pipeline.config)
     storage.check_disjoint(inputs, out_dir)
     recorded, files, rules = _resolve_inputs(inputs)
     sweep_stale_work_dirs(build.spill_dir or None)

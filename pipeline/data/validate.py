@@ -48,16 +48,16 @@ from pipeline import storage
 from pipeline.config import IngestConfig, ValidationConfig, env
 from pipeline.data import expectations as ex
 from pipeline.data import ingest as ingest_mod
-from pipeline.data.batch import BatchOutcome, BatchTask, parse_time, run_batch, suite_params, worker_init
+from pipeline.data.batch import BatchOutcome, BatchTask, run_batch, suite_params, worker_init
 from pipeline.data.gx_runner import build_data_docs, clear_results, gx_context, import_results
 from pipeline.data.inputs import Batch
 from pipeline.data.progress import progress
 from pipeline.data.report import build_report
 from pipeline.data.validation_output import CLEAN, DATA_DOCS, REPORT
-from pipeline.errors import ConfigError, InputError, ValidationFailed
+from pipeline.errors import InputError, ValidationFailed
 
 # What other modules read through here (the output's names live in pipeline.data.validation_output).
-__all__ = ["CLEAN", "REPORT", "check_config", "validate"]
+__all__ = ["CLEAN", "REPORT", "validate"]
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +68,6 @@ WORK_IN_PARENT = True  # the calling process validates batches too (tests turn i
 # no main-module re-import, and they are forked after this process has imported GX (seconds of CPU each),
 # so they inherit it. Spawned helpers start first and import GX alongside this process.
 START_METHOD = env().validate_start_method or ("fork" if sys.platform == "linux" else "spawn")
-
-
-def check_config(validation: ValidationConfig) -> None:
-    parse_time(validation.timestamp_floor, "timestamp_floor")
-    if validation.partition_end:
-        parse_time(validation.partition_end, "partition_end")
-    if not 0 <= validation.max_quarantine_share <= 1:
-        raise ConfigError("validation.max_quarantine_share must be in [0, 1]")
-    if validation.min_rows < 0 or validation.max_session_length < 1:
-        raise ConfigError("validation.min_rows must be >= 0 and validation.max_session_length >= 1")
-    if validation.workers < 0:
-        raise ConfigError("validation.workers must be >= 0 (0 = one per CPU, at most one per batch)")
 
 
 def _can_start_helpers() -> bool:
@@ -170,8 +158,6 @@ def validate(
     """
     ingest_config = ingest or IngestConfig()
     validation = validation or ValidationConfig()
-    ingest_mod.check_config(ingest_config)
-    check_config(validation)
     storage.check_disjoint(inputs, out_dir)
     batches = ingest_mod.plan_batches(inputs)
     if not batches:
