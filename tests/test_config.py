@@ -165,3 +165,13 @@ def test_help_imports_no_heavy_dependency():
     assert proc.returncode == 0
     imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
     assert not imported & {"yaml", "torch", "pyarrow", "mlflow", "airflow", "numpy", "great_expectations"}
+
+
+def test_the_airflow_grid_is_checked_over_the_gru4rec_section_at_load():
+    assert load_config(None, ["airflow.grid={layers: [[8], [16]]}"]).airflow.grid == {"layers": [[8], [16]]}
+    with pytest.raises(ConfigError, match=r"airflow.grid: unknown setting\(s\) gru4rec.learnin_rate.*\(from --set"):
+        load_config(None, ["airflow.grid={learnin_rate: [0.1]}"])
+    with pytest.raises(ConfigError, match=r"airflow.grid: gru4rec: dropout_p_hidden is a drop probability"):
+        load_config(None, ["airflow.grid=[{dropout_p_hidden: 1.5}]"])
+    with pytest.raises(ConfigError, match=r"airflow.grid: grid: every parameter needs at least one value"):
+        load_config(None, ["airflow.grid={momentum: []}"])

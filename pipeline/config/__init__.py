@@ -37,6 +37,7 @@ from pipeline.config.sections import (
     SettingError,
     TrackingConfig,
     ValidationConfig,
+    grid_points,
 )
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "deep_merge",
     "env",
     "from_mapping",
+    "grid_points",
     "load_config",
     "load_gru4rec_config",
     "parse_overrides",

@@ -14,7 +14,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.config.sections import GRU4RecConfig, PipelineConfig, SettingError
+from pipeline.config.sections import GRU4RecConfig, PipelineConfig, SettingError, grid_points
 from pipeline.errors import ConfigError
 
 T = TypeVar("T")
@@ -203,7 +203,18 @@ def load_config(
         _record({"gru4rec": flat}, f"GRU4Rec file {gru4rec_file}", origins)
         mapping = deep_merge(mapping, {"gru4rec": flat})
     mapping = deep_merge(mapping, parse_overrides(overrides, origins))
-    return from_mapping(PipelineConfig, mapping, origins=origins)
+    cfg = from_mapping(PipelineConfig, mapping, origins=origins)
+    _check_grid(cfg, origins)
+    return cfg
+
+
+def _check_grid(cfg: PipelineConfig, origins: Origins) -> None:
+    """Every point of ``airflow.grid`` over the ``gru4rec`` section is a valid GRU4Rec config (a trial)."""
+    try:
+        for point in grid_points(cfg.airflow.grid):
+            from_mapping(GRU4RecConfig, {**to_dict(cfg.gru4rec), **point}, "gru4rec.")
+    except ConfigError as exc:
+        raise ConfigError(f"airflow.grid: {exc}{_source(origins, 'airflow.grid')}") from None
 
 
 def load_gru4rec_config(path: str | Path | None = None, overrides: list[str] | None = None) -> GRU4RecConfig:

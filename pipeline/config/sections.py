@@ -9,6 +9,8 @@ GRU4Rec parameters keep their published names so published settings carry over u
 from __future__ import annotations
 
 import datetime as dt
+import itertools
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -225,6 +227,24 @@ class TrackingConfig:
 
 def _default_grid() -> dict[str, Any]:
     return {"learning_rate": [0.1, 0.2], "dropout_p_hidden": [0.2, 0.4]}
+
+
+def grid_points(grid: Any) -> list[dict[str, Any]]:
+    """The points of a grid: ``{param: [values]}`` (cartesian product) or ``[{param: value}, ...]``.
+
+    Used for ``airflow.grid`` when the config is loaded and for a run's ``grid`` Param (pipeline.flow.plan).
+    """
+    if grid is None or grid == {} or grid == []:
+        return [{}]
+    if isinstance(grid, Mapping):
+        names = list(grid)
+        values = [v if isinstance(v, list | tuple) else [v] for v in grid.values()]
+        if any(not v for v in values):
+            raise ConfigError(f"grid: every parameter needs at least one value, got {dict(grid)!r}")
+        return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
+    if isinstance(grid, list | tuple) and all(isinstance(p, Mapping) for p in grid):
+        return [dict(p) for p in grid]
+    raise ConfigError(f"grid: expected {{param: [values]}} or a list of {{param: value}}, got {grid!r}")
 
 
 @dataclass(frozen=True)

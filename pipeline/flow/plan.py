@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import hashlib
-import itertools
 import json
 import logging
 from collections.abc import Mapping
 from typing import Any
 
-from pipeline.config import GRU4RecConfig, from_mapping, to_dict
+from pipeline.config import GRU4RecConfig, from_mapping, grid_points, to_dict
 from pipeline.errors import ConfigError, InputError
 from pipeline.flow.contracts import Partition, RunPlan, TrialSpec, to_xcom
 from pipeline.flow.settings import config_of, data_root, join, load_pipeline_config, output_root, summary_uri
@@ -32,21 +31,6 @@ def _parse_day(value: Any, what: str) -> dt.date:
         raise ConfigError(f"{what}: expected a date YYYY-MM-DD, got {value!r}") from None
 
 
-def _grid_points(grid: Any) -> list[dict[str, Any]]:
-    """The points of a grid: ``{param: [values]}`` (cartesian product) or ``[{param: value}, ...]``."""
-    if grid is None or grid == {} or grid == []:
-        return [{}]
-    if isinstance(grid, Mapping):
-        names = list(grid)
-        values = [v if isinstance(v, list | tuple) else [v] for v in grid.values()]
-        if any(not v for v in values):
-            raise ConfigError(f"grid: every parameter needs at least one value, got {dict(grid)!r}")
-        return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*values)]
-    if isinstance(grid, list | tuple) and all(isinstance(p, Mapping) for p in grid):
-        return [dict(p) for p in grid]
-    raise ConfigError(f"grid: expected {{param: [values]}} or a list of {{param: value}}, got {grid!r}")
-
-
 def expand_grid(grid: Any, base: Mapping[str, Any] | None = None) -> list[TrialSpec]:
     """The trials of a grid, each with a full GRU4Rec config dict, in a stable order without duplicates.
 
@@ -55,7 +39,7 @@ def expand_grid(grid: Any, base: Mapping[str, Any] | None = None) -> list[TrialS
     """
     trials: list[TrialSpec] = []
     seen: set[str] = set()
-    for point in _grid_points(grid):
+    for point in grid_points(grid):
         merged = {**(base or {}), **point}
         params = to_dict(from_mapping(GRU4RecConfig, merged, "gru4rec."))
         key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
