@@ -47,7 +47,8 @@ def case_train(n_events: int, n_items: int, steps: int) -> dict:
 
     from pipeline.config import GRU4RecConfig
     from pipeline.model.predict import build_model
-    from pipeline.model.train import Trainer, _DeviceSchedule, build_schedule
+    from pipeline.model.schedule import DeviceSchedule, build_schedule
+    from pipeline.model.step import Trainer
 
     torch.set_num_threads(1)
     items, offsets = synthetic_sessions(n_events, n_items)
@@ -58,7 +59,7 @@ def case_train(n_events: int, n_items: int, steps: int) -> dict:
     schedule = build_schedule(items, offsets, config.batch_size)
     t1 = time.perf_counter()
     trainer = Trainer(build_model(config, n_items), config, counts, cpu)
-    device_schedule = _DeviceSchedule.of(schedule, cpu)
+    device_schedule = DeviceSchedule.of(schedule, cpu)
     t2 = time.perf_counter()
     # the first `steps` steps of the real epoch: the same loop body, blocks planned as run_epoch plans them
     trainer.model.train()
@@ -89,7 +90,8 @@ def case_eval(n_predictions: int, n_items: int) -> dict:
     import pyarrow as pa
     import torch
 
-    from pipeline.model.evaluate import ItemMap, evaluate, index_sessions, read_log
+    from pipeline.model.clicks import ItemMap, index_sessions, read_log
+    from pipeline.model.evaluate import evaluate
     from pipeline.model.network import GRU4Rec
 
     torch.set_num_threads(1)

@@ -67,7 +67,8 @@ def bench_evaluation(device: str, repeats: int = 3) -> list[dict]:
     import pyarrow as pa
     import torch
 
-    from pipeline.model.evaluate import ItemMap, evaluate, index_sessions, read_log
+    from pipeline.model.clicks import ItemMap, index_sessions, read_log
+    from pipeline.model.evaluate import evaluate
     from pipeline.model.network import GRU4Rec
     from pipeline.model.predict import resolve_device
 
@@ -108,9 +109,10 @@ def profile_steps(row: str, steps: int, threads: int) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     from pipeline.config import GRU4RecConfig
-    from pipeline.model.evaluate import build_item_map, index_sessions, read_log
+    from pipeline.model.clicks import build_item_map, index_sessions, read_log
     from pipeline.model.predict import build_model
-    from pipeline.model.train import Trainer, _DeviceSchedule, build_schedule
+    from pipeline.model.schedule import DeviceSchedule, build_schedule
+    from pipeline.model.step import Trainer
 
     torch.set_num_threads(threads)
     config = GRU4RecConfig(**ROWS[row])
@@ -122,7 +124,7 @@ def profile_steps(row: str, steps: int, threads: int) -> str:
     sched = type(full)(full.inputs[:cut], full.targets[:cut], full.fresh[:cut], full.bounds[: steps + 1], {}, full.session_of[:cut])
     cpu = torch.device("cpu")
     trainer = Trainer(build_model(config, len(imap)), config, imap.counts, cpu)
-    ds = _DeviceSchedule.of(sched, cpu)
+    ds = DeviceSchedule.of(sched, cpu)
     trainer.run_epoch(ds, 0)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         trainer.run_epoch(ds, 1)

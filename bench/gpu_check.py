@@ -31,9 +31,10 @@ def _trainer(row: str, batch_size: int, device):
     from bench_train import ROWS
 
     from pipeline.config import GRU4RecConfig
-    from pipeline.model.evaluate import build_item_map, index_sessions, read_log
+    from pipeline.model.clicks import build_item_map, index_sessions, read_log
     from pipeline.model.predict import build_model
-    from pipeline.model.train import Trainer, _DeviceSchedule, build_schedule
+    from pipeline.model.schedule import DeviceSchedule, build_schedule
+    from pipeline.model.step import Trainer
 
     config = GRU4RecConfig(**(ROWS[row] | {"batch_size": batch_size}))
     log = read_log(DATA / "train_tr.tsv")
@@ -41,7 +42,7 @@ def _trainer(row: str, batch_size: int, device):
     data = index_sessions(log, item_map)
     schedule = build_schedule(data.items, data.offsets, config.batch_size)
     model = build_model(config, len(item_map)).to(device)
-    return Trainer(model, config, item_map.counts, device), _DeviceSchedule.of(schedule, device), log.n_events
+    return Trainer(model, config, item_map.counts, device), DeviceSchedule.of(schedule, device), log.n_events
 
 
 def check_training_syncs(row: str, device, steps: int = 48) -> str:
@@ -69,7 +70,8 @@ def check_evaluation_syncs(device) -> str:
     import pyarrow as pa
     import torch
 
-    from pipeline.model.evaluate import ItemMap, evaluate, index_sessions, read_log
+    from pipeline.model.clicks import ItemMap, index_sessions, read_log
+    from pipeline.model.evaluate import evaluate
     from pipeline.model.network import GRU4Rec
 
     n_items = 5000
@@ -119,7 +121,8 @@ def evaluation_speed(device, n_items: int, n_predictions: int) -> dict:
     import pyarrow as pa
     import torch
 
-    from pipeline.model.evaluate import ItemMap, evaluate, index_sessions, read_log
+    from pipeline.model.clicks import ItemMap, index_sessions, read_log
+    from pipeline.model.evaluate import evaluate
     from pipeline.model.network import GRU4Rec
 
     length = 6  # 5 predictions per session

@@ -23,7 +23,7 @@ DATA = Path(os.environ.get("PIPELINE_SHARED_DATA", REPO.parent / "shared" / "dat
 # Runs the CLI; the first call of Trainer._step prints the seconds since launch and exits.
 WRAPPER = """
 import os, sys, time
-import pipeline.model.train as T
+import pipeline.model.step as T
 first = T.Trainer._step
 def _step(self, *a, **k):
     print(f"FIRST_STEP {time.time() - float(os.environ['LAUNCHED_AT']):.3f}", flush=True)

@@ -20,7 +20,8 @@ import pyarrow as pa
 
 from pipeline.config import PipelineConfig
 from pipeline.data import sessions
-from pipeline.model.evaluate import evaluate_model, log_from_table
+from pipeline.model.clicks import log_from_table
+from pipeline.model.evaluate import evaluate_model
 from pipeline.model.train import train
 from pipeline.tracking import runs, training
 from pipeline.tracking.decision import parse_metric

@@ -76,6 +76,12 @@ def cross_entropy_grouped(
     return loss_sum, grad.mul_(scale)
 
 
+def _elu(x: Tensor, alpha: float) -> Tensor:
+    """ELU as alpha * (exp(min(x, 0)) - 1) + max(x, 0): on CPU about twice as fast as ``F.elu`` (whose
+    ``expm1`` is not vectorised there; measured on a step's 80 x 1,300 scores), equal to ~1e-7."""
+    return x.clamp(max=0.0).exp_().sub_(1.0).mul_(alpha).add_(x.clamp(min=0.0))
+
+
 def bpr_max_grouped(
     scores: Tensor,
     log_weight: Tensor,
@@ -94,7 +100,7 @@ def bpr_max_grouped(
     d loss / d s_v = w_v ((sig_v**2 - R) / -R + bpreg (s_v**2 + 2 s_v - G)) + [v = target] (sum_u w_u sig_u**2 - R) / R.
     Written to pass over the (B, U) matrix as few times as possible (~15).
     """
-    s = F.elu(scores, alpha=elu_param) if elu_param > 0 else scores
+    s = _elu(scores, elu_param) if elu_param > 0 else scores
     col = y_col.unsqueeze(1)
     target = s.gather(1, col)
     z = s + log_weight

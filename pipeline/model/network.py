@@ -47,6 +47,20 @@ class StepCache(NamedTuple):
     embed_mask: Tensor | None  # dropout mask of the input embedding
 
 
+class StepMasks(NamedTuple):
+    """The dropout masks of one training step (None where nothing is dropped), drawn before the step so
+    that parts of a batch can run on other threads without changing the random stream."""
+
+    embed: Tensor | None
+    layers: list[Tensor | None]
+
+    def rows(self, lo: int, hi: int) -> StepMasks:
+        """The masks of batch rows lo..hi-1."""
+        return StepMasks(
+            None if self.embed is None else self.embed[lo:hi], [None if m is None else m[lo:hi] for m in self.layers]
+        )
+
+
 def dropout_mask(like: Tensor, p: float, training: bool) -> Tensor | None:
     """The inverted-dropout multiplier for ``like`` (None when nothing is dropped)."""
     if not training or p == 0.0:
@@ -179,11 +193,12 @@ class GRU4Rec(nn.Module):
         else:  # one-hot input: the first layer's input weights are an item table
             self.Wx0 = nn.Parameter(torch.empty(n_items, 3 * self.layers[0]))
             n_in = None
-        grus = []
+        grus: list[GRULayer] = []
         for size in self.layers:
             grus.append(GRULayer(n_in, size))
             n_in = size
         self.gru = nn.ModuleList(grus)
+        self.cells: list[GRULayer] = grus  # the same layers, typed (the ModuleList registers them)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -195,7 +210,7 @@ class GRU4Rec(nn.Module):
             h = self.layers[0]
             for gate in range(3):
                 glorot_(self.Wx0.data[:, gate * h : (gate + 1) * h], self.n_items, h)
-        for layer in self.gru:
+        for layer in self.cells:
             layer.reset_parameters()
 
     # -- pieces used by the training step (row-wise) -------------------------------------------------
@@ -219,37 +234,51 @@ class GRU4Rec(nn.Module):
         """
         new_hidden: Hidden = []
         if self.Wx0 is not None:
-            x = self.gru[0].cell(x_rows + self.gru[0].bias, hidden[0])
+            x = self.cells[0].cell(x_rows + self.cells[0].bias, hidden[0])
             x = dropout(x, self.dropout_p_hidden, self.training)
             new_hidden.append(x)
-            rest = range(1, len(self.gru))
+            rest = range(1, len(self.cells))
         else:
             x = dropout(x_rows, self.dropout_p_embed, self.training)
-            rest = range(len(self.gru))
+            rest = range(len(self.cells))
         for i in rest:
-            layer = self.gru[i]
+            layer = self.cells[i]
             x = layer.cell(layer.input_projection(x), hidden[i])
             x = dropout(x, self.dropout_p_hidden, self.training)
             new_hidden.append(x)
         return x, new_hidden
 
-    def train_forward(self, x_rows: Tensor, hidden: Hidden) -> tuple[Tensor, Hidden, StepCache]:
-        """``step`` in training mode, without autograd, keeping what ``train_backward`` needs."""
+    def draw_masks(self, x_rows: Tensor) -> StepMasks:
+        """The dropout masks of a step on ``x_rows``, in the order ``train_forward`` would draw them."""
+        embed = None if self.Wx0 is not None else dropout_mask(x_rows, self.dropout_p_embed, self.training)
+        b = x_rows.shape[0]
+        like = [x_rows.new_empty(b, n) for n in self.layers]  # rand_like reads only shape, dtype and device
+        return StepMasks(embed, [dropout_mask(t, self.dropout_p_hidden, self.training) for t in like])
+
+    def train_forward(
+        self, x_rows: Tensor, hidden: Hidden, masks: StepMasks | None = None
+    ) -> tuple[Tensor, Hidden, StepCache]:
+        """``step`` in training mode, without autograd, keeping what ``train_backward`` needs.
+
+        ``masks`` (from ``draw_masks``) are the dropout masks to apply; without them they are drawn here,
+        in the same order.
+        """
         layers: list[LayerCache] = []
         new_hidden: Hidden = []
         embed_mask = None
         if self.Wx0 is not None:
             x: Tensor | None = None
-            gx = x_rows + self.gru[0].bias
+            gx = x_rows + self.cells[0].bias
         else:
-            embed_mask = dropout_mask(x_rows, self.dropout_p_embed, self.training)
+            embed_mask = dropout_mask(x_rows, self.dropout_p_embed, self.training) if masks is None else masks.embed
             x = x_rows if embed_mask is None else x_rows * embed_mask
-            gx = self.gru[0].input_projection(x)
-        for i, layer in enumerate(self.gru):
+            gx = self.cells[0].input_projection(x)
+        for i, layer in enumerate(self.cells):
             if i:
+                assert x is not None
                 gx = layer.input_projection(x)
             new, gh_n, rz, cand, diff = layer.cell_train(gx, hidden[i])
-            mask = dropout_mask(new, self.dropout_p_hidden, self.training)
+            mask = dropout_mask(new, self.dropout_p_hidden, self.training) if masks is None else masks.layers[i]
             out = new if mask is None else new * mask
             layers.append(LayerCache(x, hidden[i], gh_n, rz, cand, diff, mask))
             new_hidden.append(out)
@@ -260,7 +289,7 @@ class GRU4Rec(nn.Module):
         """Gradients of ``dense_parameters()`` and of the gathered input rows, given d loss / d output."""
         grads: list[list[Tensor]] = []
         d = d_out
-        for layer, c in zip(reversed(self.gru), reversed(cache.layers), strict=True):
+        for layer, c in zip(reversed(self.cells), reversed(cache.layers), strict=True):
             d_gx, g = layer.cell_backward(c, d if c.mask is None else d * c.mask)
             grads.append(g)
             d = d_gx if layer.w_ih is None else d_gx.mm(layer.w_ih.t())
@@ -270,7 +299,7 @@ class GRU4Rec(nn.Module):
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """The GRU weights (everything but the item tables), in ``train_backward``'s order."""
-        return [p for layer in self.gru for p in layer.dense_parameters()]
+        return [p for layer in self.cells for p in layer.dense_parameters()]
 
     @staticmethod
     def score(out: Tensor, w_rows: Tensor, b_rows: Tensor) -> Tensor:

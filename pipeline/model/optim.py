@@ -120,8 +120,8 @@ class AdagradM:
             have = [i for i, p in enumerate(self.dense) if p.grad is not None]
             if not have:
                 return
-            grads = [self.dense[i].grad for i in have]
-        params = [self.dense[i] for i in have]
+            grads = [g for i in have if (g := self.dense[i].grad) is not None]
+        params: list[Tensor] = [self.dense[i] for i in have]
         accs = [self._acc[i] for i in have]
         if self.momentum:
             vels = [self._vel[i] for i in have]

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import GRU4RecConfig, from_mapping
 from pipeline.errors import ConfigError, InputError
-from pipeline.model.evaluate import ItemMap
+from pipeline.model.clicks import ItemMap
 from pipeline.model.network import GRU4Rec
 
 CHECKPOINT = "checkpoint.pt"

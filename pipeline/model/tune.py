@@ -121,7 +121,8 @@ def run_trial(
     Returns the validation metrics plus ``objective`` (the value of ``metric``), ``train_seconds`` and the
     config; the model and ``trial.json`` stay in ``out_dir``.
     """
-    from pipeline.model.evaluate import evaluate, index_sessions, read_log
+    from pipeline.model.clicks import index_sessions, read_log
+    from pipeline.model.evaluate import evaluate
     from pipeline.model.predict import load_model
     from pipeline.model.train import train as train_model
 
@@ -176,7 +177,7 @@ def search(
     """
     import optuna
 
-    from pipeline.model.evaluate import read_log
+    from pipeline.model.clicks import read_log
 
     if n_trials < 1:
         raise ConfigError(f"n_trials must be >= 1, got {n_trials}")
@@ -230,5 +231,6 @@ def search(
     }
     (out / "best.json").write_text(json.dumps(summary, indent=2))
     (out / "best_config.json").write_text(json.dumps(to_dict(best_config), indent=2))
+    assert best.value is not None  # a completed trial has its value
     return SearchResult(best.value, best_config, best.number, records, out)
 

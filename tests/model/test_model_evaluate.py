@@ -13,15 +13,8 @@ import torch
 from gru4rec_testdata import synthetic_table, tiny_config, write_tsv
 
 from pipeline.errors import ConfigError, InputError
-from pipeline.model.evaluate import (
-    ItemMap,
-    build_item_map,
-    evaluate,
-    evaluate_model,
-    index_sessions,
-    metrics_from_ranks,
-    read_log,
-)
+from pipeline.model.clicks import ItemMap, build_item_map, index_sessions, read_log
+from pipeline.model.evaluate import evaluate, evaluate_model, metrics_from_ranks
 from pipeline.model.network import GRU4Rec
 from pipeline.model.train import train
 

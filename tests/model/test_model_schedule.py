@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.model.train import build_schedule
+from pipeline.model.schedule import build_schedule
 
 
 def _naive(lengths: list[int], batch: int) -> list[list[tuple[int, int, bool]]]:

@@ -12,7 +12,7 @@ from torch.profiler import ProfilerActivity, profile
 from pipeline.model import losses, optim
 from pipeline.model.predict import build_model
 from pipeline.model.sampling import plan_rows
-from pipeline.model.train import Trainer, _Block, _step_rows
+from pipeline.model.step import Block, Trainer, step_rows
 
 CPU = torch.device("cpu")
 # Operations that read a device value back to the host or wait for the device: item()/float()/bool()
@@ -150,7 +150,7 @@ def test_a_planned_step_updates_the_model_like_the_autograd_step(mode, loss):
                              lr=cfg.learning_rate, momentum=cfg.momentum)
     plan = plan_rows(inputs, targets, bounds, samples, n_items, shared=new.constrained_embedding,
                      log_count=trainer.log_count, loss=cfg.loss, logq=cfg.logq, sample_alpha=cfg.sample_alpha)
-    block = _Block.of(plan, 0, 0, CPU)
+    block = Block.of(plan, 0, 0, CPU)
     log_count = torch.as_tensor(trainer.log_count)
     h_new = new.init_hidden(widths[0])
     h_old = old.init_hidden(widths[0])
@@ -159,7 +159,7 @@ def test_a_planned_step_updates_the_model_like_the_autograd_step(mode, loss):
     for t, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
         h_new, h_old = [h[: hi - lo] for h in h_new], [h[: hi - lo] for h in h_old]
         torch.manual_seed(10 + t)
-        loss_new, h_new = trainer._step(_step_rows(block, t, lo, hi), h_new)
+        loss_new, h_new = trainer._step(step_rows(block, t, lo, hi), h_new)
         torch.manual_seed(10 + t)
         loss_old, h_old = _reference_step(old, ref_opt, cfg, torch.as_tensor(inputs[lo:hi]), torch.as_tensor(targets[lo:hi]),
                                           torch.as_tensor(samples[t]), h_old, log_count)
@@ -188,13 +188,13 @@ def test_a_step_never_reads_back_from_the_device(monkeypatch, loss, mode):
     plan = plan_rows(rng.integers(0, n_items, 36), rng.integers(0, n_items, 36), bounds,
                      rng.integers(0, n_items, (n_steps, 12)), n_items, shared=mode == "shared",
                      log_count=trainer.log_count, loss=loss, logq=1.0, sample_alpha=0.5)
-    block = _Block.of(plan, 0, 0, CPU)
+    block = Block.of(plan, 0, 0, CPU)
     hidden = trainer.model.init_hidden(6)
     trainer.model.train()
-    trainer._step(_step_rows(block, 0, 0, 6), hidden)  # warm-up outside the profile
+    trainer._step(step_rows(block, 0, 0, 6), hidden)  # warm-up outside the profile
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for t in range(1, n_steps):
-            _, hidden = trainer._step(_step_rows(block, t, 6 * t, 6 * t + 6), hidden)
+            _, hidden = trainer._step(step_rows(block, t, 6 * t, 6 * t + 6), hidden)
     events = prof.events()
     assert {"aten::addmm", "aten::index_select", "aten::index_copy_"} <= {e.name for e in events}  # it saw the step
     syncing = sorted({e.name for e in events if e.name in SYNCING_OPS})
@@ -213,7 +213,8 @@ def test_evaluation_inner_loop_never_reads_back_from_the_device():
     final copy of the ranks), however many steps the inner loop makes: none is inside the loop."""
     from gru4rec_testdata import synthetic_table
 
-    from pipeline.model.evaluate import ItemMap, evaluate, index_sessions, read_log
+    from pipeline.model.clicks import ItemMap, index_sessions, read_log
+    from pipeline.model.evaluate import evaluate
 
     item_map = ItemMap.from_ids([f"i{k}" for k in range(40)], np.arange(1, 41))
     model = build_model(tiny_config(), len(item_map))

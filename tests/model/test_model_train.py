@@ -18,9 +18,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from pipeline.errors import TrainingError
-from pipeline.model.evaluate import build_item_map, index_sessions, read_log
+from pipeline.model.clicks import build_item_map, index_sessions, read_log
 from pipeline.model.predict import build_model
-from pipeline.model.train import Schedule, Trainer, _DeviceSchedule, _step_rows, build_schedule, train
+from pipeline.model.schedule import DeviceSchedule, Schedule, build_schedule
+from pipeline.model.step import Trainer, step_rows
+from pipeline.model.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -43,7 +45,7 @@ def test_hidden_state_is_reset_exactly_for_rows_whose_session_starts(tmp_path):
     path = write_tsv(synthetic_table(60, seed=4), tmp_path / "t.tsv")
     model, trainer, sched, data = _setup(path, batch_size=5, learning_rate=0.0, momentum=0.0, layers=(8, 6))
     seen = []
-    trainer.run_epoch(_DeviceSchedule.of(sched, CPU), 0, step_hook=lambda t, x, h: seen.append([v.clone() for v in h]))
+    trainer.run_epoch(DeviceSchedule.of(sched, CPU), 0, step_hook=lambda t, x, h: seen.append([v.clone() for v in h]))
     assert len(seen) == sched.n_steps
     position: dict[int, int] = {}
     model.eval()
@@ -88,7 +90,7 @@ def test_a_step_scores_only_targets_and_samples_never_the_catalogue(loss):
     trainer = Trainer(model, config, np.ones(n_items, np.int64), CPU)
     schedule = Schedule(np.arange(batch), np.arange(batch) + 100, np.ones(batch, bool), np.array([0, batch]), {}, np.arange(batch))
     block = trainer.plan(schedule, 0, 1, np.random.default_rng(0))
-    step = _step_rows(block, 0, 0, batch)
+    step = step_rows(block, 0, 0, batch)
     distinct = len(set(range(batch)) | set(range(100, 100 + batch)) | set(step.rows.device.tolist()))
     assert len(step.rows.device) == distinct <= 2 * batch + n_sample
     hidden = model.init_hidden(batch)
