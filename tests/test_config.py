@@ -18,7 +18,6 @@ from pipeline.config import (
     PipelineConfig,
     env,
     load_config,
-    load_gru4rec_config,
     pipeline_home,
     to_dict,
 )
@@ -34,7 +33,7 @@ def test_defaults_are_the_rsc15_row():
 def test_yaml_file_and_overrides(tmp_path):
     path = tmp_path / "retailrocket.yaml"
     path.write_text("loss: bpr-max\nlayers: [224]\nbatch_size: 80\nelu_param: 0.5\nbpreg: 1.95\nlogq: 0\n")
-    cfg = load_gru4rec_config(path, ["n_epochs=3", "layers=[64, 32]"])
+    cfg = load_config(None, ["gru4rec.n_epochs=3", "gru4rec.layers=[64, 32]"], gru4rec_file=path).gru4rec
     assert cfg.loss == "bpr-max" and cfg.layers == (64, 32) and cfg.n_epochs == 3 and cfg.bpreg == 1.95
 
 
@@ -66,9 +65,9 @@ def test_bad_file_is_named(tmp_path):
     path = tmp_path / "broken.yaml"
     path.write_text("loss: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
-        load_gru4rec_config(path)
+        load_config(gru4rec_file=path)
     with pytest.raises(ConfigError, match="cannot read config file"):
-        load_gru4rec_config(tmp_path / "missing.yaml")
+        load_config(gru4rec_file=tmp_path / "missing.yaml")
 
 
 def test_a_bad_value_names_the_setting_and_where_it_came_from(tmp_path):

@@ -217,20 +217,6 @@ def _check_grid(cfg: PipelineConfig, origins: Origins) -> None:
         raise ConfigError(f"airflow.grid: {exc}{_source(origins, 'airflow.grid')}") from None
 
 
-def load_gru4rec_config(path: str | Path | None = None, overrides: list[str] | None = None) -> GRU4RecConfig:
-    """GRU4Rec parameters alone from a flat file of published names (or a ``gru4rec:`` section) plus overrides
-    by published name (``layers=[100]``; ``gru4rec.layers=[100]`` works too). For library callers and
-    benchmarks; the CLI takes such a file with ``--gru4rec FILE`` into the whole config."""
-    origins: Origins = {}
-    mapping = _gru4rec_file(path) if path else {}
-    _record(mapping, f"GRU4Rec file {path}", origins, "gru4rec.")
-    flat = parse_overrides(overrides)
-    flat = flat.get("gru4rec", {}) | {k: v for k, v in flat.items() if k != "gru4rec"}
-    for item in overrides or []:
-        origins["gru4rec." + item.split("=", 1)[0].strip().removeprefix("gru4rec.")] = f"--set {item}"
-    return from_mapping(GRU4RecConfig, deep_merge(mapping, flat), "gru4rec.", origins)
-
-
 def to_dict(cfg: Any) -> dict[str, Any]:
     """A JSON-ready dict of any config dataclass (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
