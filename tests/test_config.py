@@ -174,3 +174,23 @@ def test_the_airflow_grid_is_checked_over_the_gru4rec_section_at_load():
         load_config(None, ["airflow.grid=[{dropout_p_hidden: 1.5}]"])
     with pytest.raises(ConfigError, match=r"airflow.grid: grid: every parameter needs at least one value"):
         load_config(None, ["airflow.grid={momentum: []}"])
+
+
+def test_pipeline_variables_are_read_only_through_the_environment_layer():
+    """Every PIPELINE_* read goes through pipeline.config.env(), except those its docstring lists as read elsewhere."""
+    import re
+
+    import pipeline.config.environment as environment
+
+    repo = Path(__file__).resolve().parents[1]
+    read = re.compile(r"""(?:environ\.get\(|environ\[|getenv\()\s*["'](PIPELINE_\w+)""")
+    elsewhere = set(re.findall(r"``(PIPELINE_\w+)``", environment.__doc__ or "")) - set(VARIABLES)
+    found = {
+        (name, str(path.relative_to(repo)))
+        for path in [*repo.joinpath("pipeline").rglob("*.py"), *repo.joinpath("dags").rglob("*.py")]
+        if "config" not in path.relative_to(repo).parts[:2]
+        for name in read.findall(path.read_text(encoding="utf-8"))
+    }
+    assert {name for name, _ in found} <= elsewhere, sorted(found)
+    assert elsewhere == {"PIPELINE_S3_ENDPOINT_URL", "PIPELINE_S3_BUCKET", "PIPELINE_AIRFLOW_ADMIN_PASSWORD",
+                         "PIPELINE_WORKER_HOSTNAME"}
