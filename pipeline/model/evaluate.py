@@ -160,37 +160,14 @@ def evaluate(
     n_items = len(item_map)
     if model.n_items != n_items:
         raise ConfigError(f"model has {model.n_items} items but the item map has {n_items}")
-    lengths = np.diff(data.offsets)
-    order = np.argsort(-lengths, kind="stable")  # longest first: running sessions are a row prefix
-    chunk = max(1, score_budget // n_items)
     counts = torch.as_tensor(item_map.counts, dtype=torch.int64, device=device)
     max_count = int(item_map.counts.max()) if n_items else 0
-
-    model_ranks, spop_ranks, targets_all, rows_all = [], [], [], []
     was_training = model.training
     model.eval()
     with torch.inference_mode():
-        for lo in range(0, len(order), chunk):
-            sess = order[lo : lo + chunk]
-            lens = lengths[sess]
-            width = int(lens[0])
-            col = np.arange(width)
-            valid = col[None, :] < lens[:, None]
-            pos = np.where(valid, data.offsets[sess][:, None] + col[None, :], 0)
-            items = torch.as_tensor(np.where(valid, data.items[pos], 0), device=device)
-            rows = np.where(valid, data.rows[pos], -1)
-            running = (lens[:, None] > col[None, 1:]).sum(0)  # sessions with a target at step t
-            hidden = model.init_hidden(len(sess), device)
-            spop = _SessionPopularity(items, counts, ties, max_count) if baselines else None
-            for t in range(width - 1):
-                n = int(running[t])
-                x, y = items[:n, t], items[:n, t + 1]
-                out, hidden = model.step(model.input_table[x], [h[:n] for h in hidden])
-                model_ranks.append(rank_of_targets(model.score(out, model.Wy, model.By), y, ties))
-                if spop is not None:
-                    spop_ranks.append(spop.ranks(t, n))
-                targets_all.append(y)
-                rows_all.append(rows[:n, t + 1])
+        model_ranks, spop_ranks, targets_all, rows_all = _rank_sessions(
+            model, data, counts, max_count, ties, baselines, max(1, score_budget // n_items)
+        )
     model.train(was_training)
 
     def cat(parts: list[torch.Tensor]) -> np.ndarray:
@@ -212,6 +189,44 @@ def evaluate(
             name: metrics_from_ranks(r, cutoffs) | common for name, r in baseline_ranks.items()
         }
     return EvalResult(metrics, ranks, target_rows, baseline_ranks)
+
+
+def _rank_sessions(
+    model: GRU4Rec, data: IndexedSessions, counts: torch.Tensor, max_count: int, ties: str, baselines: bool, chunk: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[np.ndarray]]:
+    """Every prediction's rank (model and S-POP), target and row, chunk by chunk of sessions (longest first:
+    the sessions running at step t are a prefix of the rows); the tensors stay on the model's device."""
+    import torch
+
+    device = model.Wy.device
+    lengths = np.diff(data.offsets)
+    order = np.argsort(-lengths, kind="stable")
+    model_ranks: list[torch.Tensor] = []
+    spop_ranks: list[torch.Tensor] = []
+    targets_all: list[torch.Tensor] = []
+    rows_all: list[np.ndarray] = []
+    for lo in range(0, len(order), chunk):
+        sess = order[lo : lo + chunk]
+        lens = lengths[sess]
+        width = int(lens[0])
+        col = np.arange(width)
+        valid = col[None, :] < lens[:, None]
+        pos = np.where(valid, data.offsets[sess][:, None] + col[None, :], 0)
+        items = torch.as_tensor(np.where(valid, data.items[pos], 0), device=device)
+        rows = np.where(valid, data.rows[pos], -1)
+        running = (lens[:, None] > col[None, 1:]).sum(0)  # sessions with a target at step t
+        hidden = model.init_hidden(len(sess), device)
+        spop = _SessionPopularity(items, counts, ties, max_count) if baselines else None
+        for t in range(width - 1):
+            n = int(running[t])
+            x, y = items[:n, t], items[:n, t + 1]
+            out, hidden = model.step(model.input_table[x], [h[:n] for h in hidden])
+            model_ranks.append(rank_of_targets(model.score(out, model.Wy, model.By), y, ties))
+            if spop is not None:
+                spop_ranks.append(spop.ranks(t, n))
+            targets_all.append(y)
+            rows_all.append(rows[:n, t + 1])
+    return model_ranks, spop_ranks, targets_all, rows_all
 
 
 def _pop_ranks(counts: np.ndarray, targets: np.ndarray, ties: str) -> np.ndarray:

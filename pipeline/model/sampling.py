@@ -134,6 +134,7 @@ def plan_rows(
     each run is a distinct row, and the kinds in a run give its column counts. Targets and inputs (a few
     per step, unlike the samples) then find their row by binary search.
     """
+    # One function over ~60 lines: its stages (tag, sort, runs, positions, weights) share a dozen arrays.
     n_steps = len(bounds) - 1
     sizes = np.diff(bounds)
     entry_step = np.repeat(np.arange(n_steps), sizes)
@@ -180,9 +181,33 @@ def plan_rows(
         x_row = np.searchsorted(keys, entry_key + inputs)
         n_sampled -= np.bincount(x_row, minlength=n_rows)
 
-    use_logq = loss == "cross-entropy" and logq != 0.0
+    log_weight, target_shift = _column_weights(
+        rows, targets, y_row, n_target, n_sampled, log_count, loss=loss, logq=logq, sample_alpha=sample_alpha
+    )
+    if shared:
+        x_col = x_row - row_bounds[entry_step]
+        return RowPlan(rows, row_bounds, y_col, log_weight, target_shift, x_col)
+    x_rows, x_row_bounds, x_col = distinct_per_step(inputs, entry_step, n_steps, n_items)
+    return RowPlan(rows, row_bounds, y_col, log_weight, target_shift, x_col, x_rows, x_row_bounds)
+
+
+def _column_weights(
+    rows: np.ndarray,
+    targets: np.ndarray,
+    y_row: np.ndarray,
+    n_target: np.ndarray,
+    n_sampled: np.ndarray,
+    log_count: np.ndarray,
+    *,
+    loss: str,
+    logq: float,
+    sample_alpha: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(log weight per distinct row, each target's own shift): see ``RowPlan``. A row stands for
+    ``n_target`` target columns and ``n_sampled`` sample columns; ``y_row`` is each target's row."""
     with np.errstate(divide="ignore"):
-        if use_logq:  # a column weighs q ** -logq: targets q = popularity, samples q = popularity ** alpha
+        if loss == "cross-entropy" and logq != 0.0:
+            # a column weighs q ** -logq: targets q = popularity, samples q = popularity ** alpha
             log_c = log_count[rows]
             weight = n_target * np.exp(-logq * log_c) + n_sampled * np.exp(-logq * sample_alpha * log_c)
             target_shift = (logq * log_count[targets]).astype(np.float32)
@@ -192,9 +217,4 @@ def plan_rows(
                 target_shift = np.log(weight[y_row] - 1.0).astype(np.float32)
             else:
                 target_shift = np.zeros(len(targets), np.float32)
-        log_weight = np.log(weight).astype(np.float32)
-    if shared:
-        x_col = x_row - row_bounds[entry_step]
-        return RowPlan(rows, row_bounds, y_col, log_weight, target_shift, x_col)
-    x_rows, x_row_bounds, x_col = distinct_per_step(inputs, entry_step, n_steps, n_items)
-    return RowPlan(rows, row_bounds, y_col, log_weight, target_shift, x_col, x_rows, x_row_bounds)
+        return np.log(weight).astype(np.float32), target_shift

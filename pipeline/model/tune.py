@@ -219,6 +219,11 @@ def search(
     done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if not done:
         raise TrainingError(f"no trial of study {study_name!r} finished; see {out / 'trials.jsonl'} and the log")
+    return _write_best(study, len(done), metric, records, out)
+
+
+def _write_best(study: Any, n_complete: int, metric: str, records: list[dict[str, Any]], out: Path) -> SearchResult:
+    """Write ``best.json`` and ``best_config.json`` of a finished study; return its result."""
     best = study.best_trial
     best_config = from_mapping(GRU4RecConfig, best.user_attrs["config"], "gru4rec.")
     summary = {
@@ -227,10 +232,9 @@ def search(
         "best_trial": best.number,
         "best_params": best.params,
         "n_trials": len(study.trials),
-        "n_complete": len(done),
+        "n_complete": n_complete,
     }
     (out / "best.json").write_text(json.dumps(summary, indent=2))
     (out / "best_config.json").write_text(json.dumps(to_dict(best_config), indent=2))
     assert best.value is not None  # a completed trial has its value
     return SearchResult(best.value, best_config, best.number, records, out)
-
