@@ -11,8 +11,7 @@ import json
 from typing import Any
 
 from pipeline.cli.settings import add_config_args, load_settings
-
-FORMAT_CHOICES = ("gru4rec", "rsc15", "diginetica", "csv", "parquet")
+from pipeline.config import INPUT_FORMATS  # the allowed values of ingest.format
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -99,7 +98,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser, *, inputs: bool = True) -> None:
     if inputs:
         p.add_argument("inputs", nargs="+", metavar="INPUT", help="files or folders (dt=YYYY-MM-DD/ partitions); local or s3://")
-        p.add_argument("--format", choices=FORMAT_CHOICES, help="input format (default: detect per file)")
+        p.add_argument("--format", choices=INPUT_FORMATS, help="input format (default: detect per file)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder or s3:// prefix")
     if inputs:
         add_config_args(p, example="build.min_item_support=3")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from pipeline.cli.settings import add_config_args, load_settings
+from pipeline.config import TIES  # the allowed values of eval.ties
 
 INPUT_HELP = "a GRU4Rec TSV file (SessionId<TAB>ItemId<TAB>Time), a Parquet file of events or a session dataset directory"
 
@@ -49,7 +50,7 @@ def _register_evaluate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cutoffs", type=int, nargs="+", metavar="N", help="list lengths N (default: eval.cutoffs, 1 5 10 20)")
     p.add_argument(
         "--ties",
-        choices=["conservative", "standard", "median"],
+        choices=TIES,
         help="rank of tied scores (default: eval.ties): conservative = #(scores >= target) (default), "
         "standard = 1 + #(>), median = their mean",
     )
