@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.config import TIES  # the allowed values of eval.ties
 from pipeline.errors import ConfigError
 from pipeline.model.clicks import ClickLog, IndexedSessions, ItemMap, index_sessions, read_log
 
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TIES = ("conservative", "standard", "median")
 DEFAULT_CUTOFFS = (1, 5, 10, 20)
 SCORE_BUDGET = 1 << 24  # score-matrix entries held at once (64 MB of float32): bounds memory for huge catalogues
 

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-LOSSES = ("cross-entropy", "bpr-max")
+from pipeline.config import LOSSES  # the allowed values of gru4rec.loss
+
 EPS = 1e-24  # guards the log of a probability that underflowed to zero
 
 
