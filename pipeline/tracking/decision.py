@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.config import NO_VALID_SPLIT_MODES  # the allowed values of tracking.no_valid_split
 from pipeline.errors import PromotionError
 from pipeline.model import metric_names
 
@@ -32,7 +33,6 @@ SELECTED_ON_HOLM = "test, Holm-corrected"
 SELECTED_ON_TEST_NO_CHAMPION = "test (no champion to compare with)"
 SELECTED_ON_NONE = "none"
 SELECTED_ON_OPERATOR = "operator"
-NO_VALID_SPLIT_MODES = ("holm", "refuse")
 LEAKAGE_REASON = "champion has seen this test window"
 
 
