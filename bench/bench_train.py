@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_train.py                       # RSC15 row, 1 and 2 threads, + evaluation
     .venv/bin/python bench/bench_train.py --rows rsc15 retailrocket --epochs 3 --threads 1
     .venv/bin/python bench/bench_train.py --profile             # where the time of a training step goes
+    .venv/bin/python bench/bench_train.py --rows rsc15 retailrocket --lanes-ab 3   # the step on one thread vs two lanes
     .venv/bin/python bench/bench_train.py --device cuda         # on a GPU machine
 
 Training speed is training events per wall-clock second (events in train_tr.tsv x epochs / training time,
@@ -35,7 +36,7 @@ ROWS = {
 }
 
 
-def bench_training(row: str, epochs: int, threads: int, device: str) -> dict:
+def bench_training(row: str, epochs: int, threads: int, device: str, lanes: int = 1) -> dict:
     from pipeline.config import GRU4RecConfig
     from pipeline.model.train import train
 
@@ -43,13 +44,14 @@ def bench_training(row: str, epochs: int, threads: int, device: str) -> dict:
     load_before = os.getloadavg()[0]
     cpu0 = time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
-        res = train(DATA / "train_tr.tsv", config, tmp, device=device, threads=threads, resume=False)
+        res = train(DATA / "train_tr.tsv", config, tmp, device=device, threads=threads, resume=False, lanes=lanes)
     cpu = time.process_time() - cpu0
     n_events = res.metrics["n_events"]
     return {
         "row": row,
         "device": res.metrics["device"],
         "threads": res.metrics["cpu_threads"],
+        "lanes": lanes,
         "epochs": epochs,
         "train_seconds": round(res.train_seconds, 2),
         "events_per_s": round(res.train_events_per_second),
@@ -104,9 +106,9 @@ def bench_evaluation(device: str, repeats: int = 3) -> list[dict]:
     return out
 
 
-def profile_steps(row: str, steps: int, threads: int) -> str:
+def _first_steps(row: str, steps: int):
+    """A trainer of ``row`` and the first ``steps`` steps of its schedule (on CPU), for in-process timing."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from pipeline.config import GRU4RecConfig
     from pipeline.model.clicks import build_item_map, index_sessions, read_log
@@ -114,7 +116,6 @@ def profile_steps(row: str, steps: int, threads: int) -> str:
     from pipeline.model.schedule import DeviceSchedule, build_schedule
     from pipeline.model.step import Trainer
 
-    torch.set_num_threads(threads)
     config = GRU4RecConfig(**ROWS[row])
     log = read_log(DATA / "train_tr.tsv")
     imap = build_item_map(log)
@@ -123,12 +124,43 @@ def profile_steps(row: str, steps: int, threads: int) -> str:
     cut = full.bounds[steps]
     sched = type(full)(full.inputs[:cut], full.targets[:cut], full.fresh[:cut], full.bounds[: steps + 1], {}, full.session_of[:cut])
     cpu = torch.device("cpu")
-    trainer = Trainer(build_model(config, len(imap)), config, imap.counts, cpu)
-    ds = DeviceSchedule.of(sched, cpu)
+    return Trainer(build_model(config, len(imap)), config, imap.counts, cpu), DeviceSchedule.of(sched, cpu)
+
+
+def profile_steps(row: str, steps: int, threads: int) -> str:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(threads)
+    trainer, ds = _first_steps(row, steps)
     trainer.run_epoch(ds, 0)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         trainer.run_epoch(ds, 1)
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+
+
+def lanes_ab(row: str, steps: int, rounds: int) -> list[dict]:
+    """The same steps in one process with the step on one thread and on two lanes (``pipeline.model.lanes``,
+    what ``--threads 0`` does), alternating: wall and CPU time per step, and the load average."""
+    import torch
+
+    from pipeline.model.lanes import Lanes
+
+    torch.set_num_threads(1)
+    trainer, ds = _first_steps(row, steps)
+    trainer.run_epoch(ds, 0)  # warm-up
+    out = []
+    with Lanes() as lanes:
+        for i in range(rounds):
+            for mode in ("one thread", "two lanes") if i % 2 == 0 else ("two lanes", "one thread"):
+                trainer.lanes = lanes if mode == "two lanes" else None
+                wall, cpu = time.perf_counter(), time.process_time()
+                trainer.run_epoch(ds, 1)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                out.append({"row": row, "round": i + 1, "mode": mode, "ms_per_step": round(wall / steps * 1e3, 2),
+                            "cpu_ms_per_step": round(cpu / steps * 1e3, 2), "load_avg_1m": round(os.getloadavg()[0], 2)})
+                print(json.dumps(out[-1]), flush=True)
+    return out
 
 
 def main() -> int:
@@ -139,6 +171,9 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--skip-eval", action="store_true")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of 300 training steps and exit")
+    p.add_argument("--lanes", type=int, default=1, choices=(1, 2), help="threads sharing each step (train(lanes=...))")
+    p.add_argument("--lanes-ab", type=int, metavar="ROUNDS", default=0,
+                   help="time 300 steps per row on one thread and on two lanes, alternating ROUNDS times, and exit")
     p.add_argument("--json", type=Path, help="write all results to this file")
     args = p.parse_args()
     if not DATA.exists():
@@ -147,11 +182,15 @@ def main() -> int:
     if args.profile:
         print(profile_steps(args.rows[0], 300, args.threads[0]))
         return 0
+    if args.lanes_ab:
+        for row in args.rows:
+            lanes_ab(row, 300, args.lanes_ab)
+        return 0
     results: dict = {"machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}, "training": [], "evaluation": []}
     threads = args.threads if args.device == "cpu" else [0]
     for row in args.rows:
         for n in threads:
-            r = bench_training(row, args.epochs, n, args.device)
+            r = bench_training(row, args.epochs, n, args.device, args.lanes)
             results["training"].append(r)
             print(json.dumps(r), flush=True)
     if not args.skip_eval:

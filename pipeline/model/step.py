@@ -237,6 +237,7 @@ class Trainer:
         opt.step_rows(model.By, step.rows, d_b, unique=True, current=b_rows)
         return loss_sum, hidden
 
+    @torch.no_grad()  # grad mode is per thread: the helper lane needs its own (else it builds autograd graphs)
     def _forward_backward(
         self, step: StepRows, x_in: Tensor, hidden: list[Tensor], masks: StepMasks, w_rows: Tensor, b_rows: Tensor,
         lo: int, hi: int, b: int,

@@ -25,6 +25,7 @@ import pyarrow as pa
 import torch
 
 from pipeline.config import GRU4RecConfig, to_dict
+from pipeline.errors import ConfigError
 from pipeline.model.checkpoint import data_fingerprint, resume_from, save_checkpoint
 from pipeline.model.clicks import ClickLog, IndexedSessions, ItemMap, build_item_map, index_sessions, read_log
 from pipeline.model.evaluate import evaluate
@@ -52,24 +53,17 @@ class TrainResult:
 
 
 def set_threads(threads: int, device: torch.device) -> int:
-    """Use ``threads`` CPU threads; 0 = automatic: one intra-op thread for CPU training.
+    """Use ``threads`` CPU threads; 0 = automatic: one thread for CPU training.
 
-    A training step is ~50 small ops, each too small to split well: with 2 intra-op threads on a 2-core
-    machine the gain was small when idle and the loss huge when other processes compete for the cores (each
-    op waits for its slowest thread; measured up to 15x slower). Automatic mode shares coarser work between
-    two threads instead (``step_lanes``). See docs/benchmarks.md.
+    A training step is ~50 small ops, each too small to split well: with 2 threads on a 2-core machine the
+    gain was small when idle and the loss huge when other processes compete for the cores (each op waits for
+    its slowest thread; measured up to 15x slower). See docs/benchmarks.md.
     """
     if threads > 0:
         torch.set_num_threads(threads)
     elif device.type == "cpu":
         torch.set_num_threads(1)
     return torch.get_num_threads()
-
-
-def step_lanes(threads: int, device: torch.device) -> int:
-    """Threads that share a CPU step (``pipeline.model.lanes``): two when ``threads`` is automatic (0) on a
-    machine with 2 or more cores, else one (an explicit ``threads`` sets torch's intra-op threads as before)."""
-    return 2 if threads == 0 and device.type == "cpu" and (os.cpu_count() or 1) >= 2 else 1
 
 
 def train(
@@ -83,6 +77,7 @@ def train(
     resume: bool = True,
     threads: int = 0,
     valid_cutoffs: tuple[int, ...] = (5, 20),
+    lanes: int = 1,
 ) -> TrainResult:
     """Train GRU4Rec on ``train`` and write ``out_dir/checkpoint.pt`` (every epoch) and ``train_metrics.json``.
 
@@ -90,17 +85,20 @@ def train(
     train / valid split). With ``resume`` (default), a checkpoint already in ``out_dir`` from the same
     settings and data is continued from its last completed epoch; a finished one is returned as is.
     ``on_epoch_end(epoch, metrics)`` gets the epoch number (1-based) and its loss / speed / valid metrics.
-    ``threads``: CPU threads (0 = automatic: see ``set_threads`` and ``step_lanes``).
+    ``lanes=2`` shares each CPU step between two threads (``pipeline.model.lanes``): faster when a core is
+    free, slower when other processes hold the cores (docs/benchmarks.md), so not the default.
     """
+    if lanes not in (1, 2):
+        raise ConfigError(f"lanes must be 1 or 2, got {lanes}")
     dev = resolve_device(device)
     previous_threads = torch.get_num_threads()
     try:
         n_threads = set_threads(threads, dev)
         run = _prepare(train, valid, config, dev, n_threads)
-        if step_lanes(threads, dev) < 2:
+        if lanes == 1 or dev.type != "cpu":
             return _train(run, config, Path(out_dir), on_epoch_end, resume, valid_cutoffs, None)
-        with Lanes() as lanes:
-            return _train(run, config, Path(out_dir), on_epoch_end, resume, valid_cutoffs, lanes)
+        with Lanes() as shared:
+            return _train(run, config, Path(out_dir), on_epoch_end, resume, valid_cutoffs, shared)
     finally:
         torch.set_num_threads(previous_threads)  # leave the process as we found it
 

@@ -82,6 +82,7 @@ def test_a_step_on_two_lanes_equals_the_step_on_one(loss, mode):
         hidden = model.init_hidden(batch)
         for t in range(steps):
             loss_sum, hidden = trainer._step(step_rows(block, t, t * batch, (t + 1) * batch), hidden)
+        assert all(h.grad_fn is None and not h.requires_grad for h in hidden)  # no graph, on either thread
         results.append((loss_sum, hidden, {k: v.clone() for k, v in model.state_dict().items()}))
         if isinstance(lanes, Lanes):
             lanes.close()
@@ -94,3 +95,15 @@ def test_a_step_on_two_lanes_equals_the_step_on_one(loss, mode):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     for k in w_whole:
         torch.testing.assert_close(w_two[k], w_whole[k], rtol=1e-4, atol=1e-5)
+
+
+def test_train_with_two_lanes_trains_the_same_model_to_rounding(synth, tmp_path):
+    from pipeline.errors import ConfigError
+    from pipeline.model.train import train
+
+    config = tiny_config(batch_size=16, n_epochs=1, dropout_p_hidden=0.2)
+    one = train(synth["train"], config, tmp_path / "one", device="cpu")
+    two = train(synth["train"], config, tmp_path / "two", device="cpu", lanes=2)
+    assert two.epoch_loss == pytest.approx(one.epoch_loss, rel=1e-4)
+    with pytest.raises(ConfigError, match="lanes must be 1 or 2"):
+        train(synth["train"], config, tmp_path / "three", device="cpu", lanes=3)
