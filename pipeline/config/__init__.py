@@ -5,7 +5,7 @@
   (``load_config``); errors name the setting and the file or --set it came from.
 - ``environment``: the ``PIPELINE_*`` variables (``env()``), each documented.
 
-The bottom layer: imports only ``pipeline.errors`` (and the pure ``pipeline.model.metric_names`` scheme).
+The bottom layer: imports only ``pipeline.errors`` and the pure ``pipeline.metric_names`` scheme beside it.
 The whole object is logged to MLflow as-is (``to_dict``).
 """
 

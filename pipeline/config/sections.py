@@ -14,10 +14,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from pipeline.errors import ConfigError
-
 # The one metric-name scheme: pure, imports nothing of the pipeline (pyproject: the one allowed upward import).
-from pipeline.model import metric_names
+from pipeline import metric_names
+from pipeline.errors import ConfigError
 
 # Allowed values, checked here and used by the stages (pipeline.data.ingest keeps the readers of each format).
 INPUT_FORMATS = ("gru4rec", "rsc15", "diginetica", "csv", "parquet")

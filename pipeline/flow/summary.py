@@ -11,12 +11,12 @@ import logging
 import os
 from typing import Any
 
+from pipeline import metric_names
 from pipeline.config import env
 from pipeline.errors import PipelineError
 from pipeline.flow.airflow_api import AirflowAPI
 from pipeline.flow.contracts import Promotion, RunPlan, TrialResult, to_xcom
 from pipeline.flow.settings import config_of
-from pipeline.model import metric_names
 
 log = logging.getLogger(__name__)
 

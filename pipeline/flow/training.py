@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
+from pipeline import metric_names
 from pipeline.config import PipelineConfig, env, from_mapping
 from pipeline.flow.contracts import Dataset, RunPlan, Trial, TrialResult
 from pipeline.flow.settings import config_of, join, work_dir
-from pipeline.model import metric_names
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import pyarrow as pa
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 
+from pipeline import metric_names
 from pipeline.errors import PromotionError
-from pipeline.model import metric_names
 from pipeline.model.evaluate import evaluate_model, metrics_from_ranks
 from pipeline.tracking.decision import Decision, Metric, PairedTest, pair_by_target_rows, paired_bootstrap
 from pipeline.tracking.lineage import read_test_split

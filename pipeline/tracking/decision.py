@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import metric_names
 from pipeline.config import NO_VALID_SPLIT_MODES  # the allowed values of tracking.no_valid_split
 from pipeline.errors import PromotionError
-from pipeline.model import metric_names
 
 # selected_on values
 SELECTED_ON_VALID = "valid"

@@ -23,9 +23,9 @@ from typing import TYPE_CHECKING
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
+from pipeline import metric_names
 from pipeline.config import env as pipeline_env  # `env` names a variable here
 from pipeline.errors import PromotionError
-from pipeline.model import metric_names
 from pipeline.tracking.decision import TimeWindow
 from pipeline.tracking.lineage import test_window, training_window
 from pipeline.tracking.runs import (

@@ -39,8 +39,8 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.models import infer_signature
 
 import pipeline
+from pipeline import metric_names
 from pipeline.config import PipelineConfig, to_dict
-from pipeline.model import metric_names
 from pipeline.tracking import plots
 from pipeline.tracking import pyfunc as mlflow_model
 from pipeline.tracking.runs import (
