@@ -443,7 +443,9 @@ def test_operator_levers_are_recorded_with_who_and_why(
     runs: SimpleNamespace, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from pipeline.cli.main import main
-    from pipeline.flow import tasks
+    from pipeline.flow.contracts import DatasetSummary, Promotion
+    from pipeline.flow.promotion import current_champion
+    from pipeline.flow.summary import format_note
 
     monkeypatch.setenv("PIPELINE_ACTOR", "alice")
     cfg = config()
@@ -477,14 +479,15 @@ def test_operator_levers_are_recorded_with_who_and_why(
     assert pinned.test is not None and pinned.test.p_value < cfg.tracking.significance  # still compared
     assert "incident 42" in pinned.reason and champion_run(cfg) == runs.weak
     assert client().get_model_version_by_alias(name, "challenger").run_id == runs.medium
-    promoted = {
-        "decision": pinned.to_dict(),
-        "champion": tasks._champion(cfg),
-        "trials": [],
-        "experiment_id": "0",
-        "parent_run_id": "p",
-    }
-    note = tasks.format_note({"date": "2024-01-04"}, promoted)
+    promoted = Promotion(
+        decision=pinned.to_dict(),
+        champion=current_champion(cfg),
+        trials=[],
+        parent_run_id="p",
+        experiment_id="0",
+        dataset=DatasetSummary("", "", {}, [], 0),
+    )
+    note = format_note("2024-01-04", promoted)
     assert "**pinned**" in note and f"@champion v{v1} pinned by alice" in note and "incident 42" in note
     assert f"@champion v{v1} set by operator (moved, alice)" in note
 
