@@ -97,7 +97,7 @@ def train(
         run = _prepare(train, valid, config, dev, n_threads)
         if lanes == 1 or dev.type != "cpu":
             return _train(run, config, Path(out_dir), on_epoch_end, resume, valid_cutoffs, None)
-        with Lanes() as shared:
+        with Lanes(threads=n_threads) as shared:
             return _train(run, config, Path(out_dir), on_epoch_end, resume, valid_cutoffs, shared)
     finally:
         torch.set_num_threads(previous_threads)  # leave the process as we found it

@@ -72,6 +72,8 @@ def test_a_step_on_two_lanes_equals_the_step_on_one(loss, mode):
     torch.manual_seed(0)
     base = build_model(config, n_items)
     results = []
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in training (the helper lane has one thread): a product's bits depend on threads
     for lanes in (None, _Inline(), Lanes()):
         model = copy.deepcopy(base)
         trainer = Trainer(model, config, np.ones(n_items, np.int64), CPU)
@@ -86,6 +88,7 @@ def test_a_step_on_two_lanes_equals_the_step_on_one(loss, mode):
         results.append((loss_sum, hidden, {k: v.clone() for k, v in model.state_dict().items()}))
         if isinstance(lanes, Lanes):
             lanes.close()
+    torch.set_num_threads(previous_threads)
     (loss_whole, h_whole, w_whole), (loss_inline, h_inline, w_inline), (loss_two, h_two, w_two) = results
     assert torch.equal(loss_inline, loss_two)
     assert all(torch.equal(a, b) for a, b in zip(h_inline, h_two, strict=True))
