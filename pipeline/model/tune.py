@@ -175,6 +175,7 @@ def search(
     Trials that fail with a ``TrainingError`` (e.g. a diverging loss) are recorded as failed, not fatal.
     Writes ``trials.jsonl`` (one line per finished trial) and ``best.json`` / ``best_config.json``.
     """
+    # Over ~60 lines: the trial callbacks below are closures over the study's logs, records and output.
     import optuna
 
     from pipeline.model.clicks import read_log
