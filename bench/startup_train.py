@@ -22,14 +22,23 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("PIPELINE_SHARED_DATA", REPO.parent / "shared" / "data")) / "yoochoose-100k"
 # Runs the CLI; the first call of Trainer._step prints the seconds since launch and exits.
 WRAPPER = """
-import os, sys, time
-import pipeline.model.step as T
+import importlib, os, sys, time
+for name in ("pipeline.model.step", "pipeline.model.train", "pipeline.train"):  # this layout, then older ones
+    try:
+        T = importlib.import_module(name)
+    except ModuleNotFoundError:
+        continue
+    if hasattr(T, "Trainer"):
+        break
 first = T.Trainer._step
 def _step(self, *a, **k):
     print(f"FIRST_STEP {time.time() - float(os.environ['LAUNCHED_AT']):.3f}", flush=True)
     os._exit(0)
 T.Trainer._step = _step
-from pipeline.cli.main import main
+try:
+    from pipeline.cli.main import main
+except ModuleNotFoundError:  # before the layout of issue 13
+    from pipeline.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 RSC15 = ["loss=cross-entropy", "layers=[100]", "batch_size=32", "dropout_p_hidden=0.4", "learning_rate=0.2",
