@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import __version__, storage
+from pipeline import __version__, publish, storage
 from pipeline.data.schema import DATASET_SCHEMA_VERSION, ITEMS_SCHEMA, SPLIT_SCHEMA, SPLITS
 
 MANIFEST = "manifest.json"
@@ -103,7 +103,7 @@ def commit(
 ) -> dict[str, Any]:
     """Publish the finished local files (named by content) and the manifest as the dataset ``out_dir``."""
     files: dict[str, dict[str, Any]] = {}
-    with storage.staged_dir(out_dir, MANIFEST) as tmp:
+    with publish.staged_dir(out_dir, MANIFEST) as tmp:
         for name, path in sorted(paths.items()):
             sha = _sha256_file(path)
             relative = f"{name}/part-{sha[:16]}.parquet"

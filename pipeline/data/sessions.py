@@ -52,7 +52,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import publish, storage
 from pipeline.config import BuildConfig, IngestConfig, to_dict
 from pipeline.data import ingest as ingest_mod
 from pipeline.data.buckets import scan
@@ -257,7 +257,7 @@ def read_manifest(dataset_uri: str) -> dict[str, Any]:
 def read_split(dataset_uri: str, split: str) -> pa.Table:
     """One split (``train``, ``valid``, ``test``) or the ``items`` map of a committed dataset.
 
-    Follows the manifest (:func:`pipeline.storage.read_committed`): should a newer version be published while
+    Follows the manifest (:func:`pipeline.publish.read_committed`): should a newer version be published while
     the file is read, the new manifest is read and its file instead.
     """
     if split not in (*SPLITS, "items"):
@@ -276,6 +276,6 @@ def read_split(dataset_uri: str, split: str) -> pa.Table:
         return pq.read_table(path, filesystem=fs)
 
     try:
-        return storage.read_committed(dataset_uri, MANIFEST, read)
+        return publish.read_committed(dataset_uri, MANIFEST, read)
     except (OSError, pa.ArrowInvalid) as exc:
         raise InputError(f"cannot read split {split} of {dataset_uri}: {exc}") from None

@@ -9,7 +9,7 @@
     DIR/data_docs/index.html                GX Data Docs of every batch
 
 ``NNNNN`` is the batch index (listing order = batch order) and ``HASH`` the first 16 hex digits of the
-file's sha256 (:func:`pipeline.storage.content_name`): a name never changes its bytes, so a reader that
+file's sha256 (:func:`pipeline.publish.content_name`): a name never changes its bytes, so a reader that
 follows ``report.json`` (see :func:`clean_files`) reads one complete version even while a new one is being
 published on S3. Each batch entry of the report names its files (``clean``, ``quarantine``); those are the
 only data files of the output.
@@ -44,7 +44,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
-from pipeline import storage
+from pipeline import publish, storage
 from pipeline.config import IngestConfig, ValidationConfig, env
 from pipeline.data import expectations as ex
 from pipeline.data import ingest as ingest_mod
@@ -175,7 +175,7 @@ def validate(
         raise
     clear_results()
     outcomes: list[BatchOutcome] = []
-    with storage.staged_dir(out_dir, REPORT) as tmp, tempfile.TemporaryDirectory(prefix="gx-docs-") as docs_dir:
+    with publish.staged_dir(out_dir, REPORT) as tmp, tempfile.TemporaryDirectory(prefix="gx-docs-") as docs_dir:
         tasks = [BatchTask(i, b, ingest_config, validation, now, tmp) for i, b in enumerate(batches)]
         outcomes = _run_batches(tasks, pool, workers - 1)
         for o in outcomes:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
+from pipeline import publish, storage
 from pipeline.errors import InputError
 
 REPORT = "report.json"
@@ -31,7 +31,7 @@ def write_part(table: pa.Table, out_dir: str, folder: str, index: int) -> str:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, **PARQUET_OPTIONS)  # encoded first: the name carries the hash of the bytes
     data = sink.getvalue().to_pybytes()
-    relative = f"{folder}/{storage.content_name(f'part-{index:05d}', data, '.parquet')}"
+    relative = f"{folder}/{publish.content_name(f'part-{index:05d}', data, '.parquet')}"
     storage.write_bytes(storage.join(out_dir, relative), data)
     return relative
 

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 import time
 
-from pipeline import storage
+from pipeline import publish
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 WORK_PREFIXES = ("pipeline-build-", "pipeline-spill-")  # local work folders of a build (its files, its spill)
 
 
-def sweep_stale_work_dirs(root: str | None = None, older_than_s: float = storage.STALE_STAGING_SECONDS) -> list[str]:
+def sweep_stale_work_dirs(root: str | None = None, older_than_s: float = publish.STALE_STAGING_SECONDS) -> list[str]:
     """Remove the work folders (:data:`WORK_PREFIXES`) that killed builds left in ``root`` (default: the temp
     folder), once nothing in them changed for ``older_than_s``; returns what was removed. A build that ends,
     fails or gets SIGTERM (the CLI turns it into an exit) removes its own; only SIGKILL leaves one behind."""

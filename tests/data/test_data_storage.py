@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from pipeline import storage
+from pipeline import publish, storage
 from pipeline.errors import InputError, PipelineError
 
 
@@ -44,41 +44,41 @@ def test_resolve_local_and_s3(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(fs, pafs.S3FileSystem) and path == "bucket/some/key"
     with pytest.raises(InputError, match="not a valid S3 URI"):
         storage.resolve("s3://")
-    with pytest.raises(PipelineError, match="root of a store"), storage.staged_dir("s3://bucket/", "m.json"):
+    with pytest.raises(PipelineError, match="root of a store"), publish.staged_dir("s3://bucket/", "m.json"):
         pass
 
 
 def test_content_addressed_names() -> None:
-    name = storage.content_name("part-00003", b"rows", ".parquet")
+    name = publish.content_name("part-00003", b"rows", ".parquet")
     assert name == f"part-00003-{hashlib.sha256(b'rows').hexdigest()[:16]}.parquet"
-    assert storage.is_content_addressed(f"train/{name}") and storage.is_content_addressed("x-" + "ab" * 32)
-    assert not storage.is_content_addressed("part-00003.parquet")
-    assert not storage.is_content_addressed("data_docs/index.html")
+    assert publish.is_content_addressed(f"train/{name}") and publish.is_content_addressed("x-" + "ab" * 32)
+    assert not publish.is_content_addressed("part-00003.parquet")
+    assert not publish.is_content_addressed("data_docs/index.html")
 
 
 def test_staged_dir_publishes_whole_or_nothing(tmp_path: Path) -> None:
     final = str(tmp_path / "ds")
-    with storage.staged_dir(final, "manifest.json") as tmp:
+    with publish.staged_dir(final, "manifest.json") as tmp:
         storage.write_bytes(storage.join(tmp, "part.bin"), b"v1")
         assert not storage.exists(final)  # nothing visible before the commit
         storage.write_json(storage.join(tmp, "manifest.json"), {"v": 1})
     assert storage.read_bytes(storage.join(final, "part.bin")) == b"v1"
 
     # A crash while writing the next version leaves the old one untouched and no temporary folder.
-    with pytest.raises(RuntimeError), storage.staged_dir(final, "manifest.json") as tmp:
+    with pytest.raises(RuntimeError), publish.staged_dir(final, "manifest.json") as tmp:
         storage.write_bytes(storage.join(tmp, "part.bin"), b"half")
         raise RuntimeError("boom")
     assert storage.read_bytes(storage.join(final, "part.bin")) == b"v1"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
     # A new version replaces the old one entirely (stale files go).
-    with storage.staged_dir(final, "manifest.json") as tmp:
+    with publish.staged_dir(final, "manifest.json") as tmp:
         storage.write_bytes(storage.join(tmp, "other.bin"), b"v2")
         storage.write_json(storage.join(tmp, "manifest.json"), {"v": 2})
     assert sorted(p.name for p in Path(final).iterdir()) == ["manifest.json", "other.bin"]
 
     # A folder without its marker file is never published.
-    with pytest.raises(PipelineError, match="manifest.json missing"), storage.staged_dir(final, "manifest.json") as tmp:
+    with pytest.raises(PipelineError, match="manifest.json missing"), publish.staged_dir(final, "manifest.json") as tmp:
         storage.write_bytes(storage.join(tmp, "x.bin"), b"x")
     assert storage.read_json(storage.join(final, "manifest.json")) == {"v": 2}
 
@@ -107,11 +107,11 @@ def test_s3_round_trips_and_staged_publish(s3_env: str) -> None:
 
     # Names without a content hash are overwritten, even by bytes of the same size.
     final = f"{base}/ds"
-    with storage.staged_dir(final, "manifest.json") as tmp:
+    with publish.staged_dir(final, "manifest.json") as tmp:
         storage.write_bytes(f"{tmp}/train/part-0.bin", b"one")
         storage.write_bytes(f"{tmp}/stale.bin", b"old")
         storage.write_json(f"{tmp}/manifest.json", {"v": 1})
-    with storage.staged_dir(final, "manifest.json") as tmp:
+    with publish.staged_dir(final, "manifest.json") as tmp:
         storage.write_bytes(f"{tmp}/train/part-0.bin", b"two")
         storage.write_json(f"{tmp}/manifest.json", {"v": 2})
     assert storage.list_files(final) == [f"{final}/manifest.json", f"{final}/train/part-0.bin"]
@@ -178,24 +178,24 @@ def test_staged_dir_sweeps_stale_leftovers_of_the_same_output_only(tmp_path: Pat
     ]
     final = str(tmp_path / "ds")
     (tmp_path / "ds").mkdir()  # a published version exists, so .ds.old-* is a leftover, not the only copy
-    with caplog.at_level(logging.WARNING, logger="pipeline.storage"):
-        with storage.staged_dir(final, "m.json") as tmp:
+    with caplog.at_level(logging.WARNING, logger="pipeline.publish"):
+        with publish.staged_dir(final, "m.json") as tmp:
             storage.write_json(storage.join(tmp, "m.json"), {"v": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([p.name for p in kept] + ["ds"])
     swept = {r.args[0] for r in caplog.records if "killed run" in r.getMessage()}
     assert swept == {str(stale), str(stale_swap)}
     assert "(untouched for 7.0 h)" in caplog.text
     # One second short of the limit is not stale yet; the limit can be lowered.
-    _age(kept[0], storage.STALE_STAGING_SECONDS - 1)
-    assert storage.sweep_stale_staging(final) == []
-    assert storage.sweep_stale_staging(final, older_than_s=60) == [str(kept[0])]
+    _age(kept[0], publish.STALE_STAGING_SECONDS - 1)
+    assert publish.sweep_stale_staging(final) == []
+    assert publish.sweep_stale_staging(final, older_than_s=60) == [str(kept[0])]
 
 
 def test_sweep_keeps_the_previous_version_when_the_output_is_missing(tmp_path: Path, caplog) -> None:
     """A local publish killed between its two renames leaves no output, only .NAME.old-*: never delete it."""
     old = _leftover(tmp_path, ".ds.old-0123456789ab", 7 * 3600)
-    with caplog.at_level(logging.WARNING, logger="pipeline.storage"):
-        assert storage.sweep_stale_staging(str(tmp_path / "ds"), older_than_s=0) == []
+    with caplog.at_level(logging.WARNING, logger="pipeline.publish"):
+        assert publish.sweep_stale_staging(str(tmp_path / "ds"), older_than_s=0) == []
     assert old.exists() and "rename it back to restore it" in caplog.text
 
 
@@ -203,8 +203,8 @@ def test_a_killed_build_leaves_staging_that_a_later_build_sweeps(tmp_path: Path)
     final = str(tmp_path / "ds")
     writer = (
         "import sys, time\n"
-        "from pipeline import storage\n"
-        "with storage.staged_dir(sys.argv[1], 'manifest.json') as tmp:\n"
+        "from pipeline import publish, storage\n"
+        "with publish.staged_dir(sys.argv[1], 'manifest.json') as tmp:\n"
         "    storage.write_bytes(storage.join(tmp, 'train', 'part-0.bin'), b'half')\n"
         "    print('writing', flush=True)\n"
         "    time.sleep(60)\n"
@@ -219,11 +219,11 @@ def test_a_killed_build_leaves_staging_that_a_later_build_sweeps(tmp_path: Path)
     assert (leftover / "train" / "part-0.bin").read_bytes() == b"half"
 
     # The leftover is fresh (for all we know its writer is still running): it stays.
-    with storage.staged_dir(final, "manifest.json") as tmp:
+    with publish.staged_dir(final, "manifest.json") as tmp:
         storage.write_json(storage.join(tmp, "manifest.json"), {"v": 1})
     assert leftover.exists()
-    _age(leftover, storage.STALE_STAGING_SECONDS + 60)
-    with storage.staged_dir(final, "manifest.json") as tmp:
+    _age(leftover, publish.STALE_STAGING_SECONDS + 60)
+    with publish.staged_dir(final, "manifest.json") as tmp:
         storage.write_json(storage.join(tmp, "manifest.json"), {"v": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
     assert storage.read_json(storage.join(final, "manifest.json")) == {"v": 2}
@@ -237,9 +237,9 @@ def test_s3_sweep_removes_only_this_outputs_stale_staging(s3_env: str) -> None:
     others = [f"{s3_env}/{name}.tmp-0123456789ab" for name in (".ds2", ".dsx", "ds")]
     for prefix in leftovers + others:
         storage.write_bytes(f"{prefix}/train/part.bin", b"half")
-    assert storage.sweep_stale_staging(final) == []  # written just now: a live writer's, as far as we know
+    assert publish.sweep_stale_staging(final) == []  # written just now: a live writer's, as far as we know
     assert all(storage.exists(p) for p in leftovers)
-    assert sorted(storage.sweep_stale_staging(final, older_than_s=0)) == sorted(leftovers)
+    assert sorted(publish.sweep_stale_staging(final, older_than_s=0)) == sorted(leftovers)
     assert not any(storage.exists(p) for p in leftovers)
     assert all(storage.exists(p) for p in others) and storage.read_json(f"{final}/manifest.json") == {"v": 1}
 
@@ -254,7 +254,7 @@ def _stage(parent: str, name: str, version: int, n_files: int) -> tuple[str, dic
     files = {}
     for i in range(n_files):
         data = f"version {version} file {i} ".encode() * (1 + (version * 7 + i) % 5)
-        relative = f"train/{storage.content_name(f'part-{i:05d}', data, '.bin')}"
+        relative = f"train/{publish.content_name(f'part-{i:05d}', data, '.bin')}"
         storage.write_bytes(f"{tmp}/{relative}", data)
         files[relative] = hashlib.sha256(data).hexdigest()
     storage.write_json(f"{tmp}/manifest.json", {"version": version, "files": files})
@@ -273,7 +273,7 @@ def _read_files(final: str, manifest: dict, mismatches: list[str]) -> int:
 def test_s3_readers_that_follow_the_marker_always_see_a_complete_version(s3_env: str) -> None:
     final = f"{s3_env}/ds"
     tmp, files = _stage(s3_env, "ds", 1, n_files=8)
-    storage.publish(tmp, final, "manifest.json")
+    publish.publish(tmp, final, "manifest.json")
     seen = {"complete": 0, "calls": 0}  # calls - complete: retries after a listed file vanished
     versions: set[int] = set()
     mismatches: list[str] = []
@@ -287,7 +287,7 @@ def test_s3_readers_that_follow_the_marker_always_see_a_complete_version(s3_env:
     def reader() -> None:
         while not stop.is_set():
             try:
-                versions.add(storage.read_committed(final, "manifest.json", read))
+                versions.add(publish.read_committed(final, "manifest.json", read))
             except BaseException as exc:
                 errors.append(exc)
                 return
@@ -299,7 +299,7 @@ def test_s3_readers_that_follow_the_marker_always_see_a_complete_version(s3_env:
         last = 5
         for version in range(2, last + 1):
             tmp, files = _stage(s3_env, "ds", version, n_files=8)
-            published = storage.publish(tmp, final, "manifest.json")
+            published = publish.publish(tmp, final, "manifest.json")
             assert len(published.removed) == 8 and not published.reused  # every name is new
         deadline = time.monotonic() + 10
         while last not in versions and not errors and time.monotonic() < deadline:
@@ -319,7 +319,7 @@ def test_s3_readers_that_follow_the_marker_always_see_a_complete_version(s3_env:
 def test_read_committed_retries_only_when_the_marker_changed(tmp_path: Path) -> None:
     final = str(tmp_path / "ds")
     with pytest.raises(InputError, match="has no manifest.json"):
-        storage.read_committed(final, "manifest.json", lambda m: m)
+        publish.read_committed(final, "manifest.json", lambda m: m)
     storage.write_json(storage.join(final, "manifest.json"), {"v": 1})
     calls: list[int] = []
 
@@ -330,7 +330,7 @@ def test_read_committed_retries_only_when_the_marker_changed(tmp_path: Path) -> 
             raise InputError("file not found: a part of v1")
         return manifest["v"]
 
-    assert storage.read_committed(final, "manifest.json", read) == 2 and calls == [1, 2]
+    assert publish.read_committed(final, "manifest.json", read) == 2 and calls == [1, 2]
 
     def broken(manifest: dict) -> int:
         calls.append(manifest["v"])
@@ -338,7 +338,7 @@ def test_read_committed_retries_only_when_the_marker_changed(tmp_path: Path) -> 
 
     calls.clear()
     with pytest.raises(InputError, match="not a readable Parquet file"):
-        storage.read_committed(final, "manifest.json", broken)  # same marker after the error: a real one
+        publish.read_committed(final, "manifest.json", broken)  # same marker after the error: a real one
     assert calls == [2]
 
 
@@ -347,7 +347,7 @@ def test_s3_republishing_identical_content_copies_only_the_marker(s3_env: str) -
     final = f"{s3_env}/ds"
     tmp, files = _stage(s3_env, "ds", 1, n_files=3)
     storage.write_bytes(f"{tmp}/data_docs/index.html", b"<p>run 1</p>")
-    first = storage.publish(tmp, final, "manifest.json")
+    first = publish.publish(tmp, final, "manifest.json")
     assert sorted(first.copied) == sorted([*files, "data_docs/index.html", "manifest.json"])
     assert not first.reused
 
@@ -355,13 +355,13 @@ def test_s3_republishing_identical_content_copies_only_the_marker(s3_env: str) -
     assert again == files
     storage.write_bytes(f"{tmp}/data_docs/index.html", b"<p>run 2</p>")  # same size, other bytes, no hash
     storage.write_bytes(f"{final}/train/leftover-0123456789abcdef.bin", b"of a killed publish")
-    second = storage.publish(tmp, final, "manifest.json")
+    second = publish.publish(tmp, final, "manifest.json")
     assert sorted(second.reused) == sorted(files)  # same content-addressed name and size: not copied again
     assert second.copied == ("data_docs/index.html", "manifest.json")
     assert second.removed == ("train/leftover-0123456789abcdef.bin",)
     assert storage.read_bytes(f"{final}/data_docs/index.html") == b"<p>run 2</p>"
     mismatches: list[str] = []
-    assert storage.read_committed(final, "manifest.json", lambda m: _read_files(final, m, mismatches)) == 1
+    assert publish.read_committed(final, "manifest.json", lambda m: _read_files(final, m, mismatches)) == 1
     assert not mismatches
     assert storage.list_files(final) == sorted(
         [f"{final}/{r}" for r in files] + [f"{final}/data_docs/index.html", f"{final}/manifest.json"]
