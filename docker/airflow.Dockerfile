@@ -2,7 +2,7 @@
 # The Airflow image: every Airflow component (api-server, scheduler, dag-processor, triggerer) and the
 # CPU Celery worker. Official apache/airflow base + the pipeline package and its pinned dependencies.
 # What each container runs is `command:` in infra/compose/compose.yaml, the same argv as
-# pipeline/localstack.py SERVICES (tests/infra checks they agree). No configuration or secret is baked in:
+# pipeline/stack/services.py SERVICES (tests/stack checks they agree). No configuration or secret is baked in:
 # every setting arrives as an environment variable at run time.
 #
 #   docker build -f docker/airflow.Dockerfile -t gru4rec-pipeline/airflow:0.1.0 .
@@ -21,7 +21,7 @@ USER airflow
 # torch from the CPU index: tasks on this image never see a GPU, and the CUDA wheels weigh gigabytes
 # (the gpu-worker image carries CUDA). apache-airflow is pinned again so no requirement can move it.
 # requirements.txt carries the providers the deployment settings use: Celery (executor), Amazon (S3 remote
-# task logs, infra/k8s/airflow-values.yaml) and SMTP (alert e-mails); tests/infra/test_deploy_files.py checks it.
+# task logs, infra/k8s/airflow-values.yaml) and SMTP (alert e-mails); tests/stack/test_deploy_files.py checks it.
 COPY --chown=airflow:0 requirements.txt /opt/pipeline/requirements.txt
 RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu \
  && pip install --no-cache-dir "apache-airflow==${AIRFLOW_VERSION}" -r /opt/pipeline/requirements.txt

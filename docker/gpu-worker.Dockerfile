@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # The GPU trainer: a Celery worker on the `gpu` queue, on a CUDA PyTorch base so training tasks find the
 # GPU. It runs the same Airflow, package and DAGs as docker/airflow.Dockerfile; its command is the
-# `airflow-worker-gpu` service of pipeline/localstack.py SERVICES. No configuration or secret is baked in.
+# `airflow-worker-gpu` service of pipeline/stack/services.py SERVICES. No configuration or secret is baked in.
 # Needs the NVIDIA container toolkit on the host (compose: a device reservation; Kubernetes: nvidia.com/gpu).
 #
 #   docker build -f docker/gpu-worker.Dockerfile -t gru4rec-pipeline/gpu-worker:0.1.0 .

@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
 # The MLflow tracking server (runs, registry, proxied artifacts in S3). Its command is the `mlflow`
-# service of pipeline/localstack.py SERVICES: `mlflow server`, configured only by environment variables
+# service of pipeline/stack/services.py SERVICES: `mlflow server`, configured only by environment variables
 # (MLFLOW_BACKEND_STORE_URI, MLFLOW_ARTIFACTS_DESTINATION, MLFLOW_HOST, MLFLOW_PORT, ...).
-# Pins are those of requirements.txt (tests/infra checks they agree). No configuration or secret baked in.
+# Pins are those of requirements.txt (tests/stack checks they agree). No configuration or secret baked in.
 #
 #   docker build -f docker/mlflow.Dockerfile -t gru4rec-pipeline/mlflow:0.1.0 .
 FROM python:3.11.13-slim-bookworm

@@ -2,7 +2,7 @@
 
 The single source of truth for the images: ``SERVICES`` is what the compose services and the Helm values run,
 ``*_POLICY`` the values every deployment sets alike, ``*_WIRING`` the names each deployment sets to its own
-addresses and secrets (tests/infra/test_deploy_files.py compares them with ``docker/`` and ``infra/``).
+addresses and secrets (tests/stack/test_deploy_files.py compares them with ``docker/`` and ``infra/``).
 ``LOCAL_TUNING`` is for the process stack on one small machine only.
 """
 

@@ -53,7 +53,7 @@ def pipeline_env(
     and its click-log root."""
     config = pipeline_home / "pipeline.yaml"
     # No deadline under dag.test(): Airflow 3.3.2's dag.test() fails a DAG with a deadline when the run
-    # succeeds (it looks the DeadlineAlert objects up as database ids); tests/infra/test_stack.py covers it.
+    # succeeds (it looks the DeadlineAlert objects up as database ids); tests/stack/test_stack.py covers it.
     alerts = {**alert_receivers.alerts_config(), "deadline_hours": 0}
     config.write_text(yaml.safe_dump({**CONFIG, "alerts": alerts}))
     monkeypatch.setenv("PIPELINE_CONFIG", str(config))

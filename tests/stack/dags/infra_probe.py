@@ -1,4 +1,4 @@
-"""A small DAG that exercises the deployment's plumbing, not the pipeline (tests/infra/test_stack.py).
+"""A small DAG that exercises the deployment's plumbing, not the pipeline (tests/stack/test_stack.py).
 
 ``stage`` runs on the default queue and writes an object to S3; ``train`` runs on the ``gpu`` queue in the
 ``gpu`` pool, does a few steps of real torch work, checkpoints after every step to S3 and logs to the MLflow

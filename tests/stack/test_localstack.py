@@ -1,5 +1,5 @@
 """Unit tests of pipeline.stack.local's own logic: process-tree stops (pipeline.stack.processes), environments, state,
-Redis claims. The services themselves run in tests/infra/test_stack.py. About 5 seconds."""
+Redis claims. The services themselves run in tests/stack/test_stack.py. About 5 seconds."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ DAGs are triggered through the REST API /api/v2; where each task ran is read fro
 up once for the module and torn down in a ``finally``, also when a test fails.
 
 Two DAGs run on it:
-- ``infra_probe`` (tests/infra/dags): the plumbing alone (queues, pool, S3, MLflow server, crash + retry),
+- ``infra_probe`` (tests/stack/dags): the plumbing alone (queues, pool, S3, MLflow server, crash + retry),
   independent of the pipeline's code, so a failure here points at the deployment;
 - ``gru4rec_daily`` (dags/): the real pipeline on generated click logs in S3: a first date promotes a
   champion; a second date is triggered before its partition exists (the sensor waits, giving its worker

@@ -1,4 +1,4 @@
-"""A DAG made to overrun its deadline (tests/infra/test_stack.py): the pipeline's deadline alert
+"""A DAG made to overrun its deadline (tests/stack/test_stack.py): the pipeline's deadline alert
 (``pipeline.flow.alerts.deadline``, as ``dags/gru4rec_daily.py`` builds it) set to 5 s after the run was queued,
 and one task that sleeps 30 s. The scheduler notices the missed deadline, the triggerer runs the callback,
 which sends the alert through the e-mail and webhook connections the test creates."""
