@@ -35,14 +35,12 @@ from typing import Any
 
 from pipeline import storage
 from pipeline.config import PipelineConfig, RetentionConfig, pipeline_home
+from pipeline.data.validation_output import CLEAN, QUARANTINE  # folder names only; no GX behind them
 from pipeline.errors import PipelineError
 from pipeline.flow.outputs import children_except, day_folders, subfolders, usage
 from pipeline.flow.settings import config_of
 
 log = logging.getLogger(__name__)
-
-QUARANTINE = "quarantine"  # pipeline.data.validate.QUARANTINE (not imported: validate pulls in GX)
-CLEAN = "clean"
 
 
 @dataclass(frozen=True)
