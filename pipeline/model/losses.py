@@ -106,20 +106,21 @@ def bpr_max_grouped(
     target = s.gather(1, col)
     z = s + log_weight
     z.scatter_(1, col, target + own_log_weight.unsqueeze(1))  # the target row without its own column
-    w = torch.softmax(z, dim=1).unsqueeze(1)  # (B, 1, U): row sums below are batched dot products
+    # Row sums of w * x below: a multiply and a sum are ~5x faster on CPU than bmm of (B,1,U) x (B,U,1)
+    w = torch.softmax(z, dim=1)
     sig = torch.sigmoid_(target - s)
-    ranking = torch.bmm(w, sig.unsqueeze(2)).view(-1, 1) + EPS
+    ranking = (w * sig).sum(1, keepdim=True).add_(EPS)
     sig_sq = sig.mul_(sig)
     inv = -scale / ranking
-    target_grad = (torch.bmm(w, sig_sq.unsqueeze(2)).view(-1, 1) - ranking).mul_(-inv)  # d/dt: (sum w sig^2 - R) / R
+    target_grad = (w * sig_sq).sum(1, keepdim=True).sub_(ranking).mul_(-inv)  # d/dt: (sum w sig^2 - R) / R
     grad = sig_sq.sub_(ranking).mul_(inv)
     loss = -torch.log(ranking)
     if bpreg:
         square = s * s
-        reg = torch.bmm(w, square.unsqueeze(2)).view(-1, 1)
+        reg = (w * square).sum(1, keepdim=True)
         loss = loss + bpreg * reg
         grad.add_(square.add_(s, alpha=2.0).sub_(reg), alpha=bpreg * scale)
-    grad.mul_(w.squeeze(1))
+    grad.mul_(w)
     grad.scatter_add_(1, col, target_grad)
     if elu_param > 0:
         grad = torch.ops.aten.elu_backward(grad, elu_param, 1, 1, True, s)

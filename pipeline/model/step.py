@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -272,6 +273,16 @@ class Trainer:
         ``progress(steps_done, mean_loss)`` is called at each finite-loss check; ``step_hook(step, inputs,
         hidden)`` sees the hidden state every step receives (tests use it to check the resets).
         """
+        with matmul_precision(self.config.matmul_precision):
+            return self._run_epoch(schedule, epoch, progress, step_hook)
+
+    def _run_epoch(
+        self,
+        schedule: DeviceSchedule,
+        epoch: int,
+        progress: Callable[[int, float], None] | None,
+        step_hook: Callable[[int, Tensor, list[Tensor]], None] | None,
+    ) -> float:
         self.model.train()
         seed = epoch_seed(self.config.seed, epoch)
         torch.manual_seed(seed[0])  # dropout
@@ -300,6 +311,31 @@ class Trainer:
                 if progress is not None:
                     progress(t + 1, value)
         return float(total) / bounds[-1]
+
+
+@contextmanager
+def matmul_precision(precision: str) -> Iterator[None]:
+    """torch's float32 matmul precision (a process-wide setting) for the duration, restored afterwards."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def matmul_math(precision: str, device: torch.device) -> str:
+    """How the step's float32 products are computed under ``precision`` on ``device``: "bf16-fpmath" (a CPU
+    with native bfloat16: oneDNN's bfloat16 math mode, measured ~2x faster than MKL's float32 and within ~1e-6
+    of it, docs/benchmarks.md), "tf32" (a CUDA GPU with tensor cores) or "float32"."""
+    if precision == "highest":
+        return "float32"
+    if device.type == "cpu":
+        native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        return "bf16-fpmath" if precision == "medium" and native else "float32"
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        return "tf32"
+    return "float32"
 
 
 def epoch_seed(seed: int, epoch: int) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from pipeline.model.evaluate import evaluate
 from pipeline.model.lanes import Lanes
 from pipeline.model.predict import CHECKPOINT, build_model, resolve_device
 from pipeline.model.schedule import DeviceSchedule, Schedule, build_schedule
-from pipeline.model.step import Trainer
+from pipeline.model.step import Trainer, matmul_math
 
 log = logging.getLogger(__name__)
 
@@ -129,8 +129,9 @@ def _prepare(
     data = index_sessions(train_log, item_map)
     schedule = build_schedule(data.items, data.offsets, config.batch_size)
     log.info(
-        "training on %s: %d events, %d sessions, %d items, %d steps/epoch, device %s, %d CPU threads",
-        train_log.source, train_log.n_events, train_log.n_sessions, len(item_map), schedule.n_steps, dev, n_threads,
+        "training on %s: %d events, %d sessions, %d items, %d steps/epoch, device %s, %d CPU threads, "
+        "matmul %s", train_log.source, train_log.n_events, train_log.n_sessions, len(item_map),
+        schedule.n_steps, dev, n_threads, matmul_math(config.matmul_precision, dev),
     )
     return _Run(
         train_log=train_log,
@@ -243,6 +244,7 @@ def _finish(run: _Run, config: GRU4RecConfig, out: Path, history: dict[str, list
         "n_predictions_per_epoch": run.schedule.n_predictions,
         "device": str(run.device),
         "cpu_threads": run.n_threads,
+        "matmul_math": matmul_math(config.matmul_precision, run.device),  # what "matmul_precision" gave here
         "resumed_from_epoch": start_epoch,
         "config": to_dict(config),
     }

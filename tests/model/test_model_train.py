@@ -21,7 +21,7 @@ from pipeline.errors import TrainingError
 from pipeline.model.clicks import build_item_map, index_sessions, read_log
 from pipeline.model.predict import build_model
 from pipeline.model.schedule import DeviceSchedule, Schedule, build_schedule
-from pipeline.model.step import Trainer, step_rows
+from pipeline.model.step import Trainer, matmul_math, matmul_precision, step_rows
 from pipeline.model.train import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -207,3 +207,47 @@ def test_threads_setting_is_restored(synth, tmp_path):
     before = torch.get_num_threads()
     train(synth["train"], tiny_config(n_epochs=1), tmp_path / "m", device="cpu", threads=1)
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("precision", ["medium", "highest"])
+def test_steps_run_under_the_configured_matmul_precision_and_it_is_restored(synth, tmp_path, precision):
+    """The setting holds while the steps run (even when the epoch fails) and is the process's own again
+    afterwards, so validation and evaluation multiply in float32; train_metrics.json says what it gave."""
+    assert torch.get_float32_matmul_precision() == "highest"
+    model, trainer, sched, _ = _setup(synth["train"], matmul_precision=precision)
+    seen = []
+    trainer.run_epoch(DeviceSchedule.of(sched, CPU), 0, step_hook=lambda t, x, h: seen.append(torch.get_float32_matmul_precision()))
+    assert set(seen) == {precision} and torch.get_float32_matmul_precision() == "highest"
+
+    def fail(t, x, h):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        trainer.run_epoch(DeviceSchedule.of(sched, CPU), 1, step_hook=fail)
+    assert torch.get_float32_matmul_precision() == "highest"
+    res = train(synth["train"], tiny_config(n_epochs=1, matmul_precision=precision), tmp_path / "m", device="cpu")
+    assert res.metrics["matmul_math"] == matmul_math(precision, CPU)
+    assert res.metrics["config"]["matmul_precision"] == precision
+
+
+def test_matmul_math_says_how_the_products_are_really_computed():
+    """On a step-sized product, "medium" gives other (but float32-close) results exactly when the run reports
+    bf16-fpmath; on a CPU without native bfloat16 the products stay float32, bit for bit, and so does the report."""
+    g = torch.Generator().manual_seed(0)
+    out, rows = torch.randn(80, 224, generator=g), torch.randn(1400, 224, generator=g)
+    exact = out @ rows.t()
+    with matmul_precision("medium"):
+        fast = out @ rows.t()
+    if matmul_math("medium", CPU) == "bf16-fpmath":
+        assert not torch.equal(fast, exact)
+        torch.testing.assert_close(fast, exact, rtol=0, atol=1e-5 * float(exact.abs().max()))
+    else:
+        assert torch.equal(fast, exact)
+    assert matmul_math("highest", CPU) == "float32"
+
+
+def test_an_unknown_matmul_precision_is_refused_by_name():
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"matmul_precision must be one of highest, high, medium, got 'bf16'"):
+        tiny_config(matmul_precision="bf16")
