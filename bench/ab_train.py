@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -24,11 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_ROOT = Path(os.environ.get("PIPELINE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
-def run_once(checkout: Path, row: str, epochs: int, threads: int) -> dict:
+def run_once(checkout: Path, row: str, epochs: int, threads: int, extra: list[str]) -> dict:
     """One training benchmark in a fresh interpreter of this venv, with ``checkout`` first on the path."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, str(checkout / "bench" / "bench_train.py"), "--rows", row, "--epochs", str(epochs),
-               "--threads", str(threads), "--skip-eval", "--json", out.name]
+               "--threads", str(threads), "--skip-eval", "--json", out.name, *extra]
         env = os.environ | {"PIPELINE_SHARED_DATA": str(DATA_ROOT), "PYTHONPATH": str(checkout)}
         subprocess.run(cmd, cwd=checkout, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         return json.loads(Path(out.name).read_text())["training"][0]
@@ -42,6 +43,8 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--runs", type=int, default=3, help="rounds; each round runs old and new once per row")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--new-args", default="", help='extra bench_train.py options for the new side only, e.g. '
+                   '"--matmul-precision highest" (what the new code gives without bfloat16 math)')
     p.add_argument("--json", type=Path, help="write every run to this file")
     args = p.parse_args()
     runs: list[dict] = []
@@ -49,7 +52,8 @@ def main() -> int:
         for row in args.rows:
             sides = [("old", args.old), ("new", args.new)]
             for side, checkout in sides if i % 2 == 0 else sides[::-1]:
-                r = run_once(checkout.resolve(), row, args.epochs, args.threads)
+                extra = shlex.split(args.new_args) if side == "new" else []
+                r = run_once(checkout.resolve(), row, args.epochs, args.threads, extra)
                 r |= {"side": side, "round": i + 1, "load_avg_1m": os.getloadavg()[0]}
                 runs.append(r)
                 print(json.dumps({k: r[k] for k in ("round", "row", "side", "train_seconds", "events_per_s", "events_per_cpu_s", "epoch_seconds", "load_avg_1m")}), flush=True)

@@ -36,11 +36,12 @@ ROWS = {
 }
 
 
-def bench_training(row: str, epochs: int, threads: int, device: str, lanes: int = 1) -> dict:
+def bench_training(row: str, epochs: int, threads: int, device: str, lanes: int = 1, matmul_precision: str | None = None) -> dict:
     from pipeline.config import GRU4RecConfig
     from pipeline.model.train import train
 
-    config = GRU4RecConfig(**ROWS[row], n_epochs=epochs)
+    precision = {} if matmul_precision is None else {"matmul_precision": matmul_precision}
+    config = GRU4RecConfig(**ROWS[row], n_epochs=epochs, **precision)
     load_before = os.getloadavg()[0]
     cpu0 = time.process_time()
     with tempfile.TemporaryDirectory() as tmp:
@@ -52,6 +53,7 @@ def bench_training(row: str, epochs: int, threads: int, device: str, lanes: int 
         "device": res.metrics["device"],
         "threads": res.metrics["cpu_threads"],
         "lanes": lanes,
+        "matmul_math": res.metrics.get("matmul_math", "float32"),
         "epochs": epochs,
         "train_seconds": round(res.train_seconds, 2),
         "events_per_s": round(res.train_events_per_second),
@@ -174,6 +176,8 @@ def main() -> int:
     p.add_argument("--lanes", type=int, default=1, choices=(1, 2), help="threads sharing each step (train(lanes=...))")
     p.add_argument("--lanes-ab", type=int, metavar="ROUNDS", default=0,
                    help="time 300 steps per row on one thread and on two lanes, alternating ROUNDS times, and exit")
+    p.add_argument("--matmul-precision", choices=("highest", "high", "medium"),
+                   help="gru4rec.matmul_precision for the training runs (default: the config's, medium)")
     p.add_argument("--json", type=Path, help="write all results to this file")
     args = p.parse_args()
     if not DATA.exists():
@@ -190,7 +194,7 @@ def main() -> int:
     threads = args.threads if args.device == "cpu" else [0]
     for row in args.rows:
         for n in threads:
-            r = bench_training(row, args.epochs, n, args.device, args.lanes)
+            r = bench_training(row, args.epochs, n, args.device, args.lanes, args.matmul_precision)
             results["training"].append(r)
             print(json.dumps(r), flush=True)
     if not args.skip_eval:
