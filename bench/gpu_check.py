@@ -49,6 +49,8 @@ def check_training_syncs(row: str, device, steps: int = 48) -> str:
     import numpy as np
     import torch
 
+    from pipeline.model.step import matmul_precision
+
     trainer, schedule, _ = _trainer(row, 32, device)
     block = trainer.plan(schedule.schedule, 0, steps, np.random.default_rng(0))
     hidden = trainer.model.init_hidden(schedule.bounds[1], device)
@@ -57,8 +59,9 @@ def check_training_syncs(row: str, device, steps: int = 48) -> str:
     torch.cuda.synchronize(device)
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for t in range(1, steps):
-            loss, hidden = trainer.step_at(schedule, block, t, hidden)
+        with matmul_precision(trainer.config.matmul_precision):  # as run_epoch runs the steps
+            for t in range(1, steps):
+                loss, hidden = trainer.step_at(schedule, block, t, hidden)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.cuda.synchronize(device)
@@ -103,6 +106,8 @@ def check_evaluation_syncs(device) -> str:
 def training_speed(row: str, batch_size: int, device) -> dict:
     import torch
 
+    from pipeline.model.step import matmul_math
+
     trainer, schedule, n_events = _trainer(row, batch_size, device)
     trainer.run_epoch(schedule, 0)  # warm-up epoch
     torch.cuda.synchronize(device)
@@ -113,6 +118,7 @@ def training_speed(row: str, batch_size: int, device) -> dict:
     seconds = time.perf_counter() - began
     return {"row": row, "batch_size": batch_size, "epoch_seconds": round(seconds, 3),
             "events_per_s": round(n_events / seconds), "steps": len(schedule.bounds) - 1,
+            "matmul": matmul_math(trainer.config.matmul_precision, device),
             "peak_gpu_mib": round(torch.cuda.max_memory_allocated(device) / 2**20)}
 
 
