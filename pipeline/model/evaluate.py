@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline import metric_names
 from pipeline.config import TIES  # the allowed values of eval.ties
 from pipeline.errors import ConfigError
 from pipeline.model.clicks import ClickLog, IndexedSessions, ItemMap, index_sessions, read_log
@@ -119,8 +120,8 @@ def metrics_from_ranks(ranks: np.ndarray, cutoffs: Sequence[int]) -> dict[str, f
     n = max(len(ranks), 1)
     for k in cutoffs:
         hit = ranks <= k
-        out[f"recall@{k}"] = float(hit.sum() / n)
-        out[f"mrr@{k}"] = float(np.where(hit, 1.0 / np.maximum(ranks, 1.0), 0.0).sum() / n)
+        out[metric_names.at_name("recall", k)] = float(hit.sum() / n)
+        out[metric_names.at_name("mrr", k)] = float(np.where(hit, 1.0 / np.maximum(ranks, 1.0), 0.0).sum() / n)
     return out
 
 
