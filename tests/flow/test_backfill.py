@@ -1,6 +1,6 @@
 """``python -m pipeline backfill``: what it asks Airflow for, and the clear errors before it asks.
 
-The backfill itself runs on the process stack (tests/stack/test_stack.py: three dates, repeated, forced)."""
+The backfill itself runs on the process stack (tests/stack/test_stack.py: two dates, repeated, forced)."""
 
 from __future__ import annotations
 

@@ -13,21 +13,23 @@ Two DAGs run on it:
   slot back between looks, until the partition lands), then the gpu worker is killed in the middle of its
   training and a fresh worker finishes the run from the checkpoint without duplicating anything.
 
-Last, ``python -m pipeline backfill`` retrains three past dates through Airflow's backfill (newest first, one at a
-time): a date whose test window the champion trained on is refused by the leakage guard; the same backfill again
-creates no run, and a forced one (``--rerun``) re-runs every task without registering, comparing, promoting or
-logging anything twice; ``python -m pipeline status`` then shows the backfill's runs (REST API and metadata DB agree).
+Last, ``python -m pipeline backfill`` retrains two past dates through Airflow's backfill (newest first, one at a
+time): the newer one, whose test window the champion trained on, is refused by the leakage guard, the older one,
+which the champion never saw, is compared with it; the same backfill again creates no run, and a forced one
+(``--rerun``) re-runs every task without registering, comparing, promoting or logging anything twice;
+``python -m pipeline status`` then shows the backfill's runs (REST API and metadata DB agree).
 
 ``stack.sh up`` and ``stack.sh down`` run as separate processes, as people run them; after ``down`` no
 process of the stack may remain.
 
-About 10 minutes on 2 cores (588 s measured): stack start ~35 s, probe runs ~20 s + ~60 s, real runs ~60 s + ~100 s
-(each crash waits ~30 s for the scheduler's heartbeat timeout to notice the dead worker), deadline ~30 s, backfill
-~275 s (three runs one at a time, then the forced re-run three at a time), teardown ~10 s.
+About 7 to 9 minutes on 2 cores (421 s measured): stack start ~20-40 s, probe runs ~15 s + ~55 s, real runs
+~50-65 s + ~75-90 s (each crash waits ~30 s for the scheduler's heartbeat timeout to notice the dead worker),
+deadline ~25 s, backfill ~170 s (two runs one at a time, then the forced re-run of both at once), teardown ~10 s.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import subprocess
 import time
@@ -370,7 +372,7 @@ def _state(api: AirflowAPI, run_id: str, task_id: str) -> str | None:
 
 
 def test_a_run_past_its_deadline_alerts_by_email_and_webhook(stack: stack_state.StackState) -> None:
-    """The scheduler notices the missed deadline and the triggerer runs the pipeline's callback (~40 s)."""
+    """The scheduler notices the missed deadline and the triggerer runs the pipeline's callback (~25 s)."""
     from alert_receivers import running_receivers
 
     api = stack.api()
@@ -394,9 +396,8 @@ def test_a_run_past_its_deadline_alerts_by_email_and_webhook(stack: stack_state.
 
 
 # ---------------------------------------------------------------------------------------------
-# Backfill (python -m pipeline backfill -> Airflow's /api/v2/backfills): three past dates, then the same again
+# Backfill (python -m pipeline backfill -> Airflow's /api/v2/backfills): two past dates, then the same again
 
-BACKFILL_DAYS = ["2026-02-28", "2026-03-01", "2026-03-02"]
 # One trial of the module's small network: it must beat S-POP (an eligibility guard checked before the leakage one).
 BACKFILL_CONF = {"grid": {"learning_rate": [0.1]}}
 
@@ -434,15 +435,34 @@ def _schedule_daily(stack: stack_state.StackState, api: AirflowAPI) -> None:
     api.patch(f"/dags/{DAG}", {"is_paused": False})  # backfill runs of a paused DAG wait
 
 
+def _backfill_days(mlflow_client) -> list[str]:
+    """Two consecutive past dates (a date's test window is its own day, its training data the days before): the
+    newer one the first day the champion of the moment trained on, so its test window lies in the champion's
+    training data (refused by the leakage guard); the older one the day before, whose test window ends before
+    anything the champion saw (compared with it). Without a champion (this test alone) the newer date promotes the
+    first model, whose training data is the older date's test window: the older one is refused."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.tracking import registry
+
+    config = TrackingConfig()
+    try:
+        champion = mlflow_client.get_model_version_by_alias(config.registered_model, config.champion_alias)
+        newer = dt.date.fromisoformat(champion.tags[registry.TAG_TRAIN_START][:10])
+    except MlflowException:
+        newer = dt.date(2026, 3, 1)
+    return [str(newer - dt.timedelta(days=1)), str(newer)]
+
+
 def _summary(s3, day: str) -> dict:
     return json.loads(s3.get_object(Bucket=stack_services.BUCKET, Key=f"output/runs/dt={day}/summary.json")["Body"].read())
 
 
-def _registry_state(mlflow_client) -> dict:
+def _registry_state(mlflow_client, days: list[str]) -> dict:
     """Versions (with their source runs), aliases, decision records and training runs of the backfilled dates."""
     name = TrackingConfig().registered_model
     experiment = mlflow_client.get_experiment_by_name(TrackingConfig().experiment).experiment_id
-    training = [r for d in BACKFILL_DAYS for r in mlflow_client.search_runs(  # one query per date: no OR in MLflow
+    training = [r for d in days for r in mlflow_client.search_runs(  # one query per date: no OR in MLflow
         [experiment], f"tags.`pipeline.kind` = 'training' and tags.`pipeline.run_key` LIKE '{DAG}/{d}/%'")]  # fmt: skip
     return {
         "versions": sorted((v.version, v.run_id) for v in mlflow_client.search_model_versions(f"name = '{name}'")),
@@ -453,7 +473,7 @@ def _registry_state(mlflow_client) -> dict:
 
 
 @pytest.mark.timeout(1200)
-def test_backfill_of_three_past_dates_is_idempotent_and_keeps_the_leakage_guard(
+def test_backfill_of_two_past_dates_is_idempotent_and_keeps_the_leakage_guard(
     stack: stack_state.StackState, clicks: str, s3, mlflow_client
 ) -> None:
     from pipeline.data.generate import generate_clicks
@@ -468,19 +488,20 @@ def test_backfill_of_three_past_dates_is_idempotent_and_keeps_the_leakage_guard(
         # The module's seed: the same item catalogue and sequential patterns as the days after.
         generate_clicks(CLICKS, days=3, start_date="2026-02-26", sessions_per_day=800, n_items=300, seed=3)
     _schedule_daily(stack, api)
-    span = ["backfill", "--from", BACKFILL_DAYS[0], "--to", BACKFILL_DAYS[-1], "--conf", json.dumps(BACKFILL_CONF)]
+    days = _backfill_days(mlflow_client)
+    span = ["backfill", "--from", days[0], "--to", days[-1], "--conf", json.dumps(BACKFILL_CONF)]
 
     # Newest date first, one at a time: each date meets the champion the one before left.
     first = _pipeline_cli(stack, *span, "--backwards", "--wait", "900")
-    assert first["dates"] == BACKFILL_DAYS and first["completed"]
+    assert first["dates"] == days and first["completed"]
     runs = {r["date"]: r for r in first["runs"]}
-    assert {d: (runs[d]["run_type"], runs[d]["state"]) for d in BACKFILL_DAYS} == {d: ("backfill", "success") for d in BACKFILL_DAYS}
+    assert {d: (runs[d]["run_type"], runs[d]["state"]) for d in days} == {d: ("backfill", "success") for d in days}
 
     # The leakage guard: a date whose test window the champion of the moment trained on is refused, and only then
     # (checked against the champion's training window as the registry records it).
     name = TrackingConfig().registered_model
     refused, records = [], {}
-    for day in BACKFILL_DAYS:
+    for day in days:
         decision = _summary(s3, day)["decision"]
         assert decision["date"] == day and decision["candidates"], decision
         assert "does not beat" not in decision["reason"], f"{day}: the candidate did not reach the leakage guard: {decision['reason']}"
@@ -495,28 +516,28 @@ def test_backfill_of_three_past_dates_is_idempotent_and_keeps_the_leakage_guard(
         if seen:
             refused.append(day)
     assert refused, "no backfilled date was refused: the leakage guard was not exercised"
-    before = _registry_state(mlflow_client)
-    assert len(before["training_runs"]) == 3 and {s for _, s in before["training_runs"]} == {"FINISHED"}
+    before = _registry_state(mlflow_client, days)
+    assert len(before["training_runs"]) == len(days) and {s for _, s in before["training_runs"]} == {"FINISHED"}
 
     # The same backfill again: every date has a run, Airflow creates none.
     again = _pipeline_cli(stack, *span, "--wait", "120")
     assert again["dates"] == [] and again["completed"]
     assert [(r["run_id"], r["state"]) for r in again["runs"]] == [(r["run_id"], r["state"]) for r in first["runs"]]
 
-    # Forced (--rerun: every task of every date runs again, 3 at a time): nothing registered, compared, moved or
-    # logged twice: the same versions, aliases, decision records and one training run per date.
-    rerun = _pipeline_cli(stack, *span, "--rerun", "--max-active-runs", "3", "--wait", "900")
-    assert rerun["dates"] == BACKFILL_DAYS and {r["state"] for r in rerun["runs"]} == {"success"}
+    # Forced (--rerun: every task of every date runs again, both dates at once): nothing registered, compared,
+    # moved or logged twice: the same versions, aliases, decision records and one training run per date.
+    rerun = _pipeline_cli(stack, *span, "--rerun", "--max-active-runs", str(len(days)), "--wait", "900")
+    assert rerun["dates"] == days and {r["state"] for r in rerun["runs"]} == {"success"}
     for r in rerun["runs"]:
         assert len(api.tries(DAG, r["run_id"], "promote")) == 2, "the date's promote task did not run again"
         assert _summary(s3, r["date"])["decision"]["record_run_id"] == records[r["date"]]  # the recorded decision
-    assert _registry_state(mlflow_client) == before
+    assert _registry_state(mlflow_client, days) == before
 
     # The status screen (REST API path) shows the backfill's runs, the champion and the decisions.
     status = _pipeline_cli(stack, "status", "--runs", "20", timeout=300)["sections"]
     assert {s: status[s]["error"] for s in status} == dict.fromkeys(status)
     shown = {r["date"]: (r["run_type"], r["state"]) for r in status["runs"]["rows"]}
-    assert {d: shown.get(d) for d in BACKFILL_DAYS} == {d: ("backfill", "success") for d in BACKFILL_DAYS}
+    assert {d: shown.get(d) for d in days} == {d: ("backfill", "success") for d in days}
     # The metadata DB (what status reads where no REST API is configured) holds the same runs.
     from pipeline.flow.dag_runs import AirflowSource, dag_runs
 
@@ -526,4 +547,4 @@ def test_backfill_of_three_past_dates_is_idempotent_and_keeps_the_leakage_guard(
     ]
     champion = next(m for m in status["models"]["rows"] if m["alias"] == "champion")
     assert champion["version"] == before["aliases"]["champion"]
-    assert {d["date"] for d in status["decisions"]["rows"]} >= set(BACKFILL_DAYS)
+    assert {d["date"] for d in status["decisions"]["rows"]} >= set(days)

@@ -1,6 +1,6 @@
 """A DAG made to overrun its deadline (tests/stack/test_stack.py): the pipeline's deadline alert
 (``pipeline.flow.alerts.deadline``, as ``dags/gru4rec_daily.py`` builds it) set to 5 s after the run was queued,
-and one task that sleeps 30 s. The scheduler notices the missed deadline, the triggerer runs the callback,
+and one task that sleeps 20 s. The scheduler notices the missed deadline, the triggerer runs the callback,
 which sends the alert through the e-mail and webhook connections the test creates."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def deadline_probe():
     def overrun() -> None:
         import time
 
-        time.sleep(30)
+        time.sleep(20)
 
     overrun()
 
