@@ -114,6 +114,7 @@ class _Run:
     valid_data: IndexedSessions | None
     device: torch.device
     n_threads: int
+    matmul_math: str  # what config.matmul_precision gives on this device (see pipeline.model.step.matmul_math)
 
 
 def _prepare(
@@ -128,10 +129,11 @@ def _prepare(
     item_map = build_item_map(train_log)
     data = index_sessions(train_log, item_map)
     schedule = build_schedule(data.items, data.offsets, config.batch_size)
+    math = matmul_math(config.matmul_precision, dev)
     log.info(
         "training on %s: %d events, %d sessions, %d items, %d steps/epoch, device %s, %d CPU threads, "
         "matmul %s", train_log.source, train_log.n_events, train_log.n_sessions, len(item_map),
-        schedule.n_steps, dev, n_threads, matmul_math(config.matmul_precision, dev),
+        schedule.n_steps, dev, n_threads, math,
     )
     return _Run(
         train_log=train_log,
@@ -141,6 +143,7 @@ def _prepare(
         valid_data=index_sessions(valid_log, item_map) if valid_log is not None else None,
         device=dev,
         n_threads=n_threads,
+        matmul_math=math,
     )
 
 
@@ -244,7 +247,7 @@ def _finish(run: _Run, config: GRU4RecConfig, out: Path, history: dict[str, list
         "n_predictions_per_epoch": run.schedule.n_predictions,
         "device": str(run.device),
         "cpu_threads": run.n_threads,
-        "matmul_math": matmul_math(config.matmul_precision, run.device),  # what "matmul_precision" gave here
+        "matmul_math": run.matmul_math,
         "resumed_from_epoch": start_epoch,
         "config": to_dict(config),
     }
