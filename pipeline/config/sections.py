@@ -149,10 +149,10 @@ class GRU4RecConfig:
     n_epochs: int = 10
     seed: int = 42
     sample_cache_size: int = 10_000_000  # how many negative samples are pre-drawn at once
-    # torch's float32 matmul precision while training steps run (evaluation keeps torch's default, "highest"): "medium"
-    # lets a CPU with native bfloat16 (AVX512-BF16/AMX) use oneDNN's bfloat16 math mode (~2x faster products
-    # here, within ~1e-6 of float32, accuracy unchanged over 3 seeds: docs/benchmarks.md) and a recent NVIDIA
-    # GPU TF32; elsewhere products stay float32.
+    # How the training step's matrix products compute (evaluation keeps float32). "medium": bfloat16 operands and
+    # results on a CPU with native bfloat16 (AVX512-BF16; ~2x faster products, accuracy unchanged:
+    # docs/benchmarks.md, pipeline/model/products.py) and TF32 on a recent NVIDIA GPU (torch's matmul precision,
+    # set while the steps run); "highest": float32 everywhere.
     matmul_precision: str = "medium"
 
     def __post_init__(self) -> None:

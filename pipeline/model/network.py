@@ -27,13 +27,15 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from pipeline.model.products import FLOAT32, Products
+
 Hidden = list[Tensor]
 
 
 class LayerCache(NamedTuple):
     """What one GRU layer's backward needs from its forward."""
 
-    x: Tensor | None  # the layer's input (None: one-hot input, the gathered rows were the projection)
+    x: Tensor | None  # the layer's input as a product operand (None: one-hot input, the rows were the projection)
     h: Tensor  # previous state
     gh_n: Tensor  # W_hn h + b_hn
     rz: Tensor  # reset and update gates side by side
@@ -125,17 +127,19 @@ class GRULayer(nn.Module):
         cand = torch.tanh(gx[:, 2 * n :] + r * gh[:, 2 * n :])
         return torch.lerp(h, cand, z)  # (1 - z) * h + z * cand
 
-    def cell_train(self, gx: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    def cell_train(
+        self, gx: Tensor, h: Tensor, products: Products = FLOAT32
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``cell`` keeping its intermediates: (new state, gh_n, rz, cand, cand - h)."""
         n = self.n_hidden
-        gh = torch.addmm(self.bias_hh, h, self.w_hh)
+        gh = products.addmm(self.bias_hh, h, self.w_hh)
         rz = gx[:, : 2 * n].add(gh[:, : 2 * n]).sigmoid_()
         gh_n = gh[:, 2 * n :]
         cand = torch.addcmul(gx[:, 2 * n :], rz[:, :n], gh_n).tanh_()
         diff = cand - h
         return torch.addcmul(h, rz[:, n:], diff), gh_n, rz, cand, diff
 
-    def cell_backward(self, c: LayerCache, d_new: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def cell_backward(self, c: LayerCache, d_new: Tensor, products: Products = FLOAT32) -> tuple[Tensor, list[Tensor]]:
         """Gradient of the step input projection ``gx`` and of this layer's dense parameters
         (``dense_parameters`` order), given the gradient of the new state. Nothing flows into ``h``."""
         n = self.n_hidden
@@ -146,8 +150,8 @@ class GRULayer(nn.Module):
         d_rz.mul_(torch.addcmul(c.rz, c.rz, c.rz, value=-1.0))  # through sigmoid: rz (1 - rz)
         d_gx = torch.cat([d_rz, d_pre_n], dim=1)
         d_gh = torch.cat([d_rz, d_pre_n.mul_(r)], dim=1)
-        grads = [] if c.x is None else [c.x.t().mm(d_gx)]
-        grads += [c.h.t().mm(d_gh), d_gx.sum(0), d_gh.sum(0)]
+        grads = [] if c.x is None else [products.mm(c.x.t(), d_gx)]
+        grads += [products.mm(c.h.t(), d_gh), d_gx.sum(0), d_gh.sum(0)]
         return d_gx, grads
 
     def dense_parameters(self) -> list[nn.Parameter]:
@@ -256,12 +260,12 @@ class GRU4Rec(nn.Module):
         return StepMasks(embed, [dropout_mask(t, self.dropout_p_hidden, self.training) for t in like])
 
     def train_forward(
-        self, x_rows: Tensor, hidden: Hidden, masks: StepMasks | None = None
+        self, x_rows: Tensor, hidden: Hidden, masks: StepMasks | None = None, products: Products = FLOAT32
     ) -> tuple[Tensor, Hidden, StepCache]:
         """``step`` in training mode, without autograd, keeping what ``train_backward`` needs.
 
         ``masks`` (from ``draw_masks``) are the dropout masks to apply; without them they are drawn here,
-        in the same order.
+        in the same order. ``products`` says how the matrix products compute (``pipeline.model.products``).
         """
         layers: list[LayerCache] = []
         new_hidden: Hidden = []
@@ -271,28 +275,30 @@ class GRU4Rec(nn.Module):
             gx = x_rows + self.cells[0].bias
         else:
             embed_mask = dropout_mask(x_rows, self.dropout_p_embed, self.training) if masks is None else masks.embed
-            x = x_rows if embed_mask is None else x_rows * embed_mask
-            gx = self.cells[0].input_projection(x)
+            x = products.cast(x_rows if embed_mask is None else x_rows * embed_mask)
         for i, layer in enumerate(self.cells):
-            if i:
-                assert x is not None
-                gx = layer.input_projection(x)
-            new, gh_n, rz, cand, diff = layer.cell_train(gx, hidden[i])
+            if x is not None:  # (None: one-hot input, gx is the gathered rows plus bias)
+                assert layer.w_ih is not None
+                gx = products.addmm(layer.bias, x, layer.w_ih)
+            h = hidden[i]
+            new, gh_n, rz, cand, diff = layer.cell_train(gx, h, products)
             mask = dropout_mask(new, self.dropout_p_hidden, self.training) if masks is None else masks.layers[i]
             out = new if mask is None else new * mask
-            layers.append(LayerCache(x, hidden[i], gh_n, rz, cand, diff, mask))
+            layers.append(LayerCache(x, h, gh_n, rz, cand, diff, mask))
             new_hidden.append(out)
-            x = out
+            x = products.cast(out)
         return out, new_hidden, StepCache(layers, embed_mask)
 
-    def train_backward(self, cache: StepCache, d_out: Tensor) -> tuple[list[Tensor], Tensor]:
+    def train_backward(
+        self, cache: StepCache, d_out: Tensor, products: Products = FLOAT32
+    ) -> tuple[list[Tensor], Tensor]:
         """Gradients of ``dense_parameters()`` and of the gathered input rows, given d loss / d output."""
         grads: list[list[Tensor]] = []
         d = d_out
         for layer, c in zip(reversed(self.cells), reversed(cache.layers), strict=True):
-            d_gx, g = layer.cell_backward(c, d if c.mask is None else d * c.mask)
+            d_gx, g = layer.cell_backward(c, d if c.mask is None else d * c.mask, products)
             grads.append(g)
-            d = d_gx if layer.w_ih is None else d_gx.mm(layer.w_ih.t())
+            d = d_gx if layer.w_ih is None else products.mm(d_gx, layer.w_ih.t())
         if cache.embed_mask is not None:
             d = d * cache.embed_mask
         return [t for g in reversed(grads) for t in g], d

@@ -11,7 +11,9 @@ stored with eps already added (they start at eps), which saves one pass over the
 say so (``acc_includes_eps``), and older checkpoints without it are read as plain sums.
 
 Row gathers and scatters go through ``RowTable``: on CPU they use NumPy on the tensors' shared memory, which moves a step's ~1,500 rows 5-10x faster than ``index_select`` / ``index_copy_``
-(measured on torch 2.13, one thread); on other devices they are the torch ops.
+(measured on torch 2.13, one thread); on other devices they are the torch ops. On CPU the row update itself
+runs in place on the tables (``pipeline.model.inplace``, compiled with Numba) instead of gather, update and
+scatter back.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 HOST_ROW_OPS = True  # CPU tables: gather/scatter rows with NumPy (tests switch it off to see the device path)
+INPLACE_ROWS = True  # CPU tables: update rows in place with the compiled kernel (tests switch it off to compare)
 
 Gathered = tuple[Tensor, "np.ndarray | None"]  # gathered rows, and the same memory as NumPy on the host path
 
@@ -103,6 +106,10 @@ class AdagradM:
         self._acc_rows = {id(p): torch.full((p.shape[0], _width(p)), self.eps, dtype=p.dtype, device=p.device) for p in self.sparse}
         self._vel_rows = {id(p): torch.zeros(p.shape[0], _width(p), dtype=p.dtype, device=p.device) for p in self.sparse}
         self._tables = {id(p): (RowTable(p), RowTable(self._acc_rows[id(p)]), RowTable(self._vel_rows[id(p)])) for p in self.sparse}
+        if INPLACE_ROWS and any(t[0].host is not None for t in self._tables.values()):
+            from pipeline.model import inplace  # Numba is imported here, not at CLI start-up
+
+            inplace.load()
 
     def rows_of(self, param: nn.Parameter) -> RowTable:
         """Row gathers/scatters of one of the item tables."""
@@ -160,6 +167,13 @@ class AdagradM:
             distinct, inverse = torch.unique(rows.device, return_inverse=True)
             grad = grad.new_zeros(distinct.shape[0], grad.shape[1]).index_add_(0, inverse, grad)
             rows, current = table.index(distinct), None
+        if INPLACE_ROWS and rows.host is not None and table.host is not None:
+            from pipeline.model.inplace import adagrad_rows  # loaded by __init__
+
+            assert acc_table.host is not None and vel_table.host is not None
+            adagrad_rows(table.host, acc_table.host, vel_table.host, rows.host, grad.contiguous().numpy(), self.lr,
+                         self.momentum)
+            return
         weights = table.take(rows) if current is None else (current[0].view(grad.shape), current[1])
         acc = acc_table.take(rows)
         if self.momentum:

@@ -31,6 +31,7 @@ from pipeline.model import losses
 from pipeline.model.lanes import Lanes
 from pipeline.model.network import GRU4Rec, StepMasks
 from pipeline.model.optim import AdagradM, RowIndex
+from pipeline.model.products import BFLOAT16, FLOAT32
 from pipeline.model.sampling import PopularitySampler, RowPlan, plan_rows
 from pipeline.model.schedule import DeviceSchedule, Schedule
 
@@ -132,6 +133,7 @@ class Trainer:
         per_step = max(config.n_sample, 1)
         self.block_steps = max(1, min(config.sample_cache_size, 1 << 20) // per_step)
         self.lanes: Lanes | None = None  # set by run_epoch when the step is shared between two threads
+        self.products = BFLOAT16 if matmul_math(config.matmul_precision, device) == "bfloat16" else FLOAT32
 
     def plan(self, schedule: Schedule, first: int, last: int, rng: np.random.Generator) -> Block:
         """The row plan of steps first..last-1 (their samples drawn from ``rng``), on the device."""
@@ -245,8 +247,10 @@ class Trainer:
     ) -> _Part:
         """Forward, loss and gradients of batch rows lo..hi-1 (of ``b``): no update, no shared state written."""
         cfg, model = self.config, self.model
-        out, new_hidden, cache = model.train_forward(x_in, hidden, masks)
-        scores = torch.addmm(b_rows.view(-1), out, w_rows.t())
+        mm = self.products
+        out, new_hidden, cache = model.train_forward(x_in, hidden, masks, mm)
+        out_op, w_op = mm.cast(out), mm.cast(w_rows)  # each is an operand of two products
+        scores = mm.addmm(b_rows.view(-1), out_op, w_op.t())
         y_col, shift = step.y_col[lo:hi], step.target_shift[lo:hi]
         if cfg.loss == "cross-entropy":
             loss_sum, d_scores = losses.cross_entropy_grouped(scores, step.log_weight, y_col, shift, 1.0 / b)
@@ -256,9 +260,10 @@ class Trainer:
             )
         else:
             raise ConfigError(f"unknown loss {cfg.loss!r}; expected one of {', '.join(losses.LOSSES)}")
-        d_w = d_scores.t().mm(out)
+        d_op = mm.cast(d_scores)
+        d_w = mm.mm(d_op.t(), out_op)
         d_b = d_scores.sum(0)
-        dense_grads, d_x = model.train_backward(cache, d_scores.mm(w_rows))
+        dense_grads, d_x = model.train_backward(cache, mm.mm(d_op, w_op), mm)
         return _Part(loss_sum, new_hidden, dense_grads, d_w, d_b, d_x)
 
     def run_epoch(
@@ -325,14 +330,14 @@ def matmul_precision(precision: str) -> Iterator[None]:
 
 
 def matmul_math(precision: str, device: torch.device) -> str:
-    """How the step's float32 products are computed under ``precision`` on ``device``: "bf16-fpmath" (a CPU
-    with native bfloat16: oneDNN's bfloat16 math mode, measured ~2x faster than MKL's float32 and within ~1e-6
-    of it, docs/benchmarks.md), "tf32" (a CUDA GPU with tensor cores) or "float32"."""
+    """How the training step's matrix products compute under ``precision`` on ``device``: "bfloat16" (medium
+    on a CPU with native bfloat16: operands and results rounded to bfloat16, ``pipeline.model.products``),
+    "tf32" (high or medium on a CUDA GPU with tensor cores) or "float32"."""
     if precision == "highest":
         return "float32"
     if device.type == "cpu":
         native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        return "bf16-fpmath" if precision == "medium" and native else "float32"
+        return "bfloat16" if precision == "medium" and native else "float32"
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return "tf32"
     return "float32"

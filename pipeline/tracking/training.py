@@ -250,7 +250,7 @@ def log_training(train_metrics: Mapping[str, Any], device: str) -> None:
     """Training time and speed, the device it ran on and how its matrix products were computed."""
     mlflow.log_metrics(throughput_metrics(train_metrics))
     mlflow.set_tag("train.device", str(train_metrics.get("device", device)))
-    if "matmul_math" in train_metrics:  # bf16-fpmath on a CPU with native bfloat16, float32 elsewhere
+    if "matmul_math" in train_metrics:  # bfloat16 / tf32 / float32 (pipeline.model.step.matmul_math)
         mlflow.set_tag("train.matmul_math", str(train_metrics["matmul_math"]))
 
 

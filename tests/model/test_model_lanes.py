@@ -63,7 +63,9 @@ def test_a_step_on_two_lanes_equals_the_step_on_one(loss, mode):
     n_items, batch = 60, 20
     extra = {"shared": {}, "embedding": {"constrained_embedding": False, "embedding": 6}, "onehot": {"constrained_embedding": False}}[mode]
     config = tiny_config(layers=(5,), batch_size=batch, n_sample=12, loss=loss, elu_param=0.5, bpreg=1.0,
-                         dropout_p_embed=0.2, dropout_p_hidden=0.3, momentum=0.1, **extra)
+                         dropout_p_embed=0.2, dropout_p_hidden=0.3, momentum=0.1, matmul_precision="highest", **extra)
+    # float32 products: "to float rounding" is the claim (bfloat16 products round the halves' operands alike,
+    # but the whole batch's sums differ by more)
     rng = np.random.default_rng(0)
     steps = 3
     inputs, targets = rng.integers(0, n_items, batch * steps), rng.integers(0, n_items, batch * steps)
@@ -104,7 +106,7 @@ def test_train_with_two_lanes_trains_the_same_model_to_rounding(synth, tmp_path)
     from pipeline.errors import ConfigError
     from pipeline.model.train import train
 
-    config = tiny_config(batch_size=16, n_epochs=1, dropout_p_hidden=0.2)
+    config = tiny_config(batch_size=16, n_epochs=1, dropout_p_hidden=0.2, matmul_precision="highest")
     one = train(synth["train"], config, tmp_path / "one", device="cpu")
     two = train(synth["train"], config, tmp_path / "two", device="cpu", lanes=2)
     assert two.epoch_loss == pytest.approx(one.epoch_loss, rel=1e-4)

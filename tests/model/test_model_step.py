@@ -135,7 +135,8 @@ def test_a_planned_step_updates_the_model_like_the_autograd_step(mode, loss):
     n_items, widths, n_sample = 25, [6, 6, 6, 4], 10
     cfg = tiny_config(layers=(8,), batch_size=6, n_sample=n_sample, loss=loss, logq=1.0, elu_param=0.5, bpreg=1.2,
                       momentum=0.3, learning_rate=0.2, dropout_p_embed=0.2, dropout_p_hidden=0.3,
-                      constrained_embedding=mode == "shared", embedding=5 if mode == "embedding" else 0)
+                      constrained_embedding=mode == "shared", embedding=5 if mode == "embedding" else 0,
+                      matmul_precision="highest")  # float32 products, like the autograd reference
     rng = np.random.default_rng(2)
     counts = rng.integers(1, 40, n_items)
     bounds = np.concatenate([[0], np.cumsum(widths)])
@@ -180,7 +181,8 @@ def test_a_step_never_reads_back_from_the_device(monkeypatch, loss, mode):
     monkeypatch.setattr(optim, "FUSED_ADAGRAD", False)
     cfg = tiny_config(layers=(8, 6), batch_size=6, n_sample=12, loss=loss, logq=1.0, elu_param=0.5, bpreg=1.0,
                       dropout_p_embed=0.2, dropout_p_hidden=0.3, constrained_embedding=mode == "shared",
-                      embedding=5 if mode == "embedding" else 0)
+                      embedding=5 if mode == "embedding" else 0,
+                      matmul_precision="highest")  # a GPU's products take float32 operands (bfloat16 ones are the CPU's)
     n_items, n_steps = 40, 6
     rng = np.random.default_rng(0)
     trainer = Trainer(build_model(cfg, n_items), cfg, rng.integers(1, 20, n_items), CPU)
