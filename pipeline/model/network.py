@@ -35,8 +35,9 @@ Hidden = list[Tensor]
 class LayerCache(NamedTuple):
     """What one GRU layer's backward needs from its forward."""
 
-    x: Tensor | None  # the layer's input as a product operand (None: one-hot input, the rows were the projection)
+    x: Tensor | None  # the layer's input (None: one-hot input, the gathered rows were the projection)
     h: Tensor  # previous state
+    w_ih: Tensor | None  # the input weights as multiplied (None: one-hot input)
     gh_n: Tensor  # W_hn h + b_hn
     rz: Tensor  # reset and update gates side by side
     cand: Tensor  # candidate state
@@ -127,12 +128,10 @@ class GRULayer(nn.Module):
         cand = torch.tanh(gx[:, 2 * n :] + r * gh[:, 2 * n :])
         return torch.lerp(h, cand, z)  # (1 - z) * h + z * cand
 
-    def cell_train(
-        self, gx: Tensor, h: Tensor, products: Products = FLOAT32
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """``cell`` keeping its intermediates: (new state, gh_n, rz, cand, cand - h)."""
+    def cell_train(self, gx: Tensor, gh: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``cell`` from both projections (``gh`` = W_hh h + b_hh) keeping its intermediates: (new state, gh_n,
+        rz, cand, cand - h)."""
         n = self.n_hidden
-        gh = products.addmm(self.bias_hh, h, self.w_hh)
         rz = gx[:, : 2 * n].add(gh[:, : 2 * n]).sigmoid_()
         gh_n = gh[:, 2 * n :]
         cand = torch.addcmul(gx[:, 2 * n :], rz[:, :n], gh_n).tanh_()
@@ -140,8 +139,9 @@ class GRULayer(nn.Module):
         return torch.addcmul(h, rz[:, n:], diff), gh_n, rz, cand, diff
 
     def cell_backward(self, c: LayerCache, d_new: Tensor, products: Products = FLOAT32) -> tuple[Tensor, list[Tensor]]:
-        """Gradient of the step input projection ``gx`` and of this layer's dense parameters
-        (``dense_parameters`` order), given the gradient of the new state. Nothing flows into ``h``."""
+        """Gradient of the layer's input (of the input projection ``gx`` for one-hot input) and of this layer's
+        dense parameters (``dense_parameters`` order), given the gradient of the new state. Nothing flows into
+        ``h``. The operands in the cache are already cast for ``products``."""
         n = self.n_hidden
         r = c.rz[:, :n]
         d_pre_n = d_new * c.rz[:, n:]
@@ -150,9 +150,10 @@ class GRULayer(nn.Module):
         d_rz.mul_(torch.addcmul(c.rz, c.rz, c.rz, value=-1.0))  # through sigmoid: rz (1 - rz)
         d_gx = torch.cat([d_rz, d_pre_n], dim=1)
         d_gh = torch.cat([d_rz, d_pre_n.mul_(r)], dim=1)
-        grads = [] if c.x is None else [products.mm(c.x.t(), d_gx)]
+        d_gx_op = products.cast(d_gx)  # an operand of two products
+        grads = [] if c.x is None else [products.mm(c.x.t(), d_gx_op)]
         grads += [products.mm(c.h.t(), d_gh), d_gx.sum(0), d_gh.sum(0)]
-        return d_gx, grads
+        return (d_gx if c.w_ih is None else products.mm(d_gx_op, c.w_ih.t())), grads
 
     def dense_parameters(self) -> list[nn.Parameter]:
         """The layer's parameters in the order ``cell_backward`` returns their gradients."""
@@ -275,18 +276,22 @@ class GRU4Rec(nn.Module):
             gx = x_rows + self.cells[0].bias
         else:
             embed_mask = dropout_mask(x_rows, self.dropout_p_embed, self.training) if masks is None else masks.embed
-            x = products.cast(x_rows if embed_mask is None else x_rows * embed_mask)
+            x = x_rows if embed_mask is None else x_rows * embed_mask
+        # Product operands are cast once (a no-op for float32) and kept in the cache for the backward products
         for i, layer in enumerate(self.cells):
+            w_ih = None
             if x is not None:  # (None: one-hot input, gx is the gathered rows plus bias)
                 assert layer.w_ih is not None
-                gx = products.addmm(layer.bias, x, layer.w_ih)
-            h = hidden[i]
-            new, gh_n, rz, cand, diff = layer.cell_train(gx, h, products)
+                x, w_ih = products.cast(x), products.cast(layer.w_ih)
+                gx = products.addmm(layer.bias, x, w_ih)
+            h = products.cast(hidden[i])
+            gh = products.addmm(layer.bias_hh, h, layer.w_hh)
+            new, gh_n, rz, cand, diff = layer.cell_train(gx, gh, hidden[i])
             mask = dropout_mask(new, self.dropout_p_hidden, self.training) if masks is None else masks.layers[i]
             out = new if mask is None else new * mask
-            layers.append(LayerCache(x, h, gh_n, rz, cand, diff, mask))
+            layers.append(LayerCache(x, h, w_ih, gh_n, rz, cand, diff, mask))
             new_hidden.append(out)
-            x = products.cast(out)
+            x = out
         return out, new_hidden, StepCache(layers, embed_mask)
 
     def train_backward(
@@ -296,9 +301,8 @@ class GRU4Rec(nn.Module):
         grads: list[list[Tensor]] = []
         d = d_out
         for layer, c in zip(reversed(self.cells), reversed(cache.layers), strict=True):
-            d_gx, g = layer.cell_backward(c, d if c.mask is None else d * c.mask, products)
+            d, g = layer.cell_backward(c, d if c.mask is None else d * c.mask, products)
             grads.append(g)
-            d = d_gx if layer.w_ih is None else products.mm(d_gx, layer.w_ih.t())
         if cache.embed_mask is not None:
             d = d * cache.embed_mask
         return [t for g in reversed(grads) for t in g], d

@@ -33,7 +33,7 @@ class Products(NamedTuple):
         """``bias + a @ b`` (bias broadcast over rows), the bias added in float32."""
         if self.dtype is None:
             return torch.addmm(bias, a, b)
-        return a.to(self.dtype).mm(b.to(self.dtype)).float().add_(bias)
+        return torch.add(bias, a.to(self.dtype).mm(b.to(self.dtype)))  # widened to float32 by the addition
 
 
 FLOAT32 = Products(None)
