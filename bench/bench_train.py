@@ -4,6 +4,7 @@
     .venv/bin/python bench/bench_train.py --rows rsc15 retailrocket --epochs 3 --threads 1
     .venv/bin/python bench/bench_train.py --profile             # where the time of a training step goes
     .venv/bin/python bench/bench_train.py --rows rsc15 retailrocket --lanes-ab 3   # the step on one thread vs two lanes
+    .venv/bin/python bench/bench_train.py --rows rsc15 retailrocket --step-ab 3    # bfloat16 / float32 products, rows in place or not
     .venv/bin/python bench/bench_train.py --device cuda         # on a GPU machine
 
 Training speed is training events per wall-clock second (events in train_tr.tsv x epochs / training time,
@@ -165,6 +166,36 @@ def lanes_ab(row: str, steps: int, rounds: int) -> list[dict]:
     return out
 
 
+def step_ab(row: str, steps: int, rounds: int) -> list[dict]:
+    """The same steps in one process with each variant of this session's two step changes, alternating:
+    float32 against bfloat16 products (``pipeline.model.products``), and the row update gathered, updated and
+    scattered back against in place (``optim.INPLACE_ROWS``). Wall and CPU time per step, and the load."""
+    import torch
+
+    from pipeline.model import optim
+    from pipeline.model.products import BFLOAT16, FLOAT32
+
+    torch.set_num_threads(1)
+    trainer, ds = _first_steps(row, steps)
+    trainer.run_epoch(ds, 0)  # warm-up
+    variants = {"bfloat16 products": (BFLOAT16, True), "float32 products": (FLOAT32, True),
+                "rows gathered + scattered": (BFLOAT16, False)}
+    out = []
+    try:
+        for i in range(rounds):
+            for name in variants if i % 2 == 0 else list(variants)[::-1]:
+                trainer.products, optim.INPLACE_ROWS = variants[name]
+                wall, cpu = time.perf_counter(), time.process_time()
+                trainer.run_epoch(ds, 1)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+                out.append({"row": row, "round": i + 1, "variant": name, "ms_per_step": round(wall / steps * 1e3, 2),
+                            "cpu_ms_per_step": round(cpu / steps * 1e3, 2), "load_avg_1m": round(os.getloadavg()[0], 2)})
+                print(json.dumps(out[-1]), flush=True)
+    finally:
+        optim.INPLACE_ROWS = True
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", nargs="+", default=["rsc15"], choices=sorted(ROWS))
@@ -176,6 +207,9 @@ def main() -> int:
     p.add_argument("--lanes", type=int, default=1, choices=(1, 2), help="threads sharing each step (train(lanes=...))")
     p.add_argument("--lanes-ab", type=int, metavar="ROUNDS", default=0,
                    help="time 300 steps per row on one thread and on two lanes, alternating ROUNDS times, and exit")
+    p.add_argument("--step-ab", type=int, metavar="ROUNDS", default=0,
+                   help="time 300 steps per row with bfloat16 / float32 products and with the row update in place / "
+                        "gathered and scattered back, alternating ROUNDS times, and exit")
     p.add_argument("--matmul-precision", choices=("highest", "high", "medium"),
                    help="gru4rec.matmul_precision for the training runs (default: the config's, medium)")
     p.add_argument("--json", type=Path, help="write all results to this file")
@@ -189,6 +223,10 @@ def main() -> int:
     if args.lanes_ab:
         for row in args.rows:
             lanes_ab(row, 300, args.lanes_ab)
+        return 0
+    if args.step_ab:
+        for row in args.rows:
+            step_ab(row, 300, args.step_ab)
         return 0
     results: dict = {"machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg()}, "training": [], "evaluation": []}
     threads = args.threads if args.device == "cpu" else [0]
