@@ -7,18 +7,20 @@ row traffic. This kernel reads and writes each row once, where it lies. One Reta
 
 The arithmetic is ``pipeline.model.optim``'s, element by element and in float32:
 ``acc += g * g; v = momentum * v - lr * g / sqrt(acc); w += v`` (``acc`` holds the sum plus eps), or
-``w -= lr * g / sqrt(acc)`` without momentum. Compiled on first use; ``cache=True`` keeps the machine code
-in ``__pycache__`` so later processes load it instead of compiling again.
+``w -= lr * g / sqrt(acc)`` without momentum. Compiled on first use; the machine code is cached in
+``__pycache__`` (or Numba's user cache, ``NUMBA_CACHE_DIR``) so later processes load it instead of compiling.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from numba import njit
 
 
-@njit(cache=True, nogil=True, error_model="numpy")  # numpy error model: no zero-division checks, so it vectorises
-def adagrad_rows(
+def _adagrad_rows(
     table: np.ndarray, acc: np.ndarray, vel: np.ndarray, rows: np.ndarray, grad: np.ndarray, lr: float, momentum: float
 ) -> None:
     """Update rows ``rows`` (distinct) of the 2-D float32 arrays in place from ``grad`` (one row per index);
@@ -41,6 +43,18 @@ def adagrad_rows(
                 s = a[j] + g[j] * g[j]
                 a[j] = s
                 w[j] -= lr32 * g[j] / np.sqrt(s)
+
+
+def _compiled(fn: Callable[..., None]) -> Callable[..., None]:
+    # The numpy error model drops the zero-division checks, so the inner loops vectorise.
+    options: dict[str, Any] = {"nogil": True, "error_model": "numpy"}
+    try:
+        return njit(cache=True, **options)(fn)
+    except RuntimeError:  # nowhere to write the cache (read-only install, no writable home): compile per process
+        return njit(**options)(fn)
+
+
+adagrad_rows = _compiled(_adagrad_rows)
 
 
 def load() -> None:

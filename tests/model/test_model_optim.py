@@ -146,3 +146,24 @@ def test_in_place_row_update_equals_gather_update_scatter(monkeypatch, momentum,
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     for row in (1, 3, 5, 6, 8, 10, 11):
         assert torch.equal(tables[True][row], start[row])
+
+
+def test_in_place_kernel_compiles_where_no_cache_can_be_written(monkeypatch):
+    """A read-only install without a writable home leaves Numba nowhere to cache: the kernel then compiles in
+    each process instead of failing the import."""
+    import importlib.util
+
+    from numba.core import caching
+
+    from pipeline.model import inplace
+
+    monkeypatch.setattr(caching.CacheImpl, "_locator_classes", [])  # what Numba finds when nothing is writable
+    spec = importlib.util.spec_from_file_location("inplace_without_cache", inplace.__file__)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert type(module.adagrad_rows._cache).__name__ == "NullCache"  # compiled without a cache
+    w, acc, vel = np.ones((3, 2), np.float32), np.full((3, 2), EPS, np.float32), np.zeros((3, 2), np.float32)
+    module.adagrad_rows(w, acc, vel, np.array([2]), np.full((1, 2), 0.5, np.float32), LR, 0.0)
+    np.testing.assert_allclose(w[2], 1 - LR * 0.5 / np.sqrt(0.25 + EPS), rtol=1e-6)
+    np.testing.assert_array_equal(w[:2], 1.0)
