@@ -63,6 +63,15 @@ class RowTable:
             self.tensor.index_copy_(0, rows.device, values[0])
 
 
+def load_row_kernel() -> None:
+    """Import and compile (or load from its cache) the in-place row kernel: ~0.5 s, once per process. Numba is
+    imported here, not at CLI start-up; training calls this on a thread while it reads its data."""
+    if INPLACE_ROWS:
+        from pipeline.model import inplace
+
+        inplace.load()
+
+
 FUSED_ADAGRAD = hasattr(torch, "_fused_adagrad_")  # torch's fused CPU kernel (what Adagrad(fused=True) runs)
 _NO_STEP = torch.zeros(())  # the fused kernel's step count, only read for learning-rate decay (none here)
 
@@ -106,10 +115,8 @@ class AdagradM:
         self._acc_rows = {id(p): torch.full((p.shape[0], _width(p)), self.eps, dtype=p.dtype, device=p.device) for p in self.sparse}
         self._vel_rows = {id(p): torch.zeros(p.shape[0], _width(p), dtype=p.dtype, device=p.device) for p in self.sparse}
         self._tables = {id(p): (RowTable(p), RowTable(self._acc_rows[id(p)]), RowTable(self._vel_rows[id(p)])) for p in self.sparse}
-        if INPLACE_ROWS and any(t[0].host is not None for t in self._tables.values()):
-            from pipeline.model import inplace  # Numba is imported here, not at CLI start-up
-
-            inplace.load()
+        if any(t[0].host is not None for t in self._tables.values()):
+            load_row_kernel()
 
     def rows_of(self, param: nn.Parameter) -> RowTable:
         """Row gathers/scatters of one of the item tables."""
