@@ -18,7 +18,7 @@ scatter back.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 import numpy as np
@@ -63,13 +63,14 @@ class RowTable:
             self.tensor.index_copy_(0, rows.device, values[0])
 
 
-def load_row_kernel() -> None:
-    """Import and compile (or load from its cache) the in-place row kernel: ~0.5 s, once per process. Numba is
-    imported here, not at CLI start-up; training calls this on a thread while it reads its data."""
-    if INPLACE_ROWS:
-        from pipeline.model import inplace
+def load_row_kernel() -> Callable[..., None]:
+    """The in-place row kernel (``pipeline.model.inplace.adagrad_rows``), compiled or loaded from its cache:
+    ~0.5 s once per process. Numba is imported here, when an optimizer with CPU tables is built, not at CLI
+    start-up."""
+    from pipeline.model import inplace
 
-        inplace.load()
+    inplace.load()
+    return inplace.adagrad_rows
 
 
 FUSED_ADAGRAD = hasattr(torch, "_fused_adagrad_")  # torch's fused CPU kernel (what Adagrad(fused=True) runs)
@@ -115,8 +116,8 @@ class AdagradM:
         self._acc_rows = {id(p): torch.full((p.shape[0], _width(p)), self.eps, dtype=p.dtype, device=p.device) for p in self.sparse}
         self._vel_rows = {id(p): torch.zeros(p.shape[0], _width(p), dtype=p.dtype, device=p.device) for p in self.sparse}
         self._tables = {id(p): (RowTable(p), RowTable(self._acc_rows[id(p)]), RowTable(self._vel_rows[id(p)])) for p in self.sparse}
-        if any(t[0].host is not None for t in self._tables.values()):
-            load_row_kernel()
+        host = INPLACE_ROWS and any(t[0].host is not None for t in self._tables.values())
+        self._row_kernel = load_row_kernel() if host else None
 
     def rows_of(self, param: nn.Parameter) -> RowTable:
         """Row gathers/scatters of one of the item tables."""
@@ -174,12 +175,10 @@ class AdagradM:
             distinct, inverse = torch.unique(rows.device, return_inverse=True)
             grad = grad.new_zeros(distinct.shape[0], grad.shape[1]).index_add_(0, inverse, grad)
             rows, current = table.index(distinct), None
-        if INPLACE_ROWS and rows.host is not None and table.host is not None:
-            from pipeline.model.inplace import adagrad_rows  # loaded by __init__
-
+        if INPLACE_ROWS and self._row_kernel is not None and rows.host is not None and table.host is not None:
             assert acc_table.host is not None and vel_table.host is not None
-            adagrad_rows(table.host, acc_table.host, vel_table.host, rows.host, grad.contiguous().numpy(), self.lr,
-                         self.momentum)
+            self._row_kernel(table.host, acc_table.host, vel_table.host, rows.host, grad.contiguous().numpy(),
+                             self.lr, self.momentum)
             return
         weights = table.take(rows) if current is None else (current[0].view(grad.shape), current[1])
         acc = acc_table.take(rows)

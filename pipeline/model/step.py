@@ -247,11 +247,11 @@ class Trainer:
     ) -> _Part:
         """Forward, loss and gradients of batch rows lo..hi-1 (of ``b``): no update, no shared state written."""
         cfg, model = self.config, self.model
-        mm = self.products
-        out, new_hidden, cache = model.train_forward(x_in, hidden, masks, mm)
+        prod = self.products
+        out, new_hidden, cache = model.train_forward(x_in, hidden, masks, prod)
         u = w_rows.shape[0]
-        out_op, w_op = mm.cast(out), mm.cast_padded(w_rows, 0)  # each is an operand of two products
-        scores = mm.addmm(b_rows.view(-1), out_op, w_op.t(), cols=u)
+        out_op, w_op = prod.cast(out), prod.cast_padded(w_rows, 0)  # each is an operand of two products
+        scores = prod.addmm(b_rows.view(-1), out_op, w_op.t(), cols=u)
         y_col, shift = step.y_col[lo:hi], step.target_shift[lo:hi]
         if cfg.loss == "cross-entropy":
             loss_sum, d_scores = losses.cross_entropy_grouped(scores, step.log_weight, y_col, shift, 1.0 / b)
@@ -261,10 +261,10 @@ class Trainer:
             )
         else:
             raise ConfigError(f"unknown loss {cfg.loss!r}; expected one of {', '.join(losses.LOSSES)}")
-        d_op = mm.cast_padded(d_scores, 1)
-        d_w = mm.mm(d_op.t(), out_op, rows=u)
+        d_op = prod.cast_padded(d_scores, 1)
+        d_w = prod.mm(d_op.t(), out_op, rows=u)
         d_b = d_scores.sum(0)
-        dense_grads, d_x = model.train_backward(cache, mm.mm(d_op, w_op), mm)
+        dense_grads, d_x = model.train_backward(cache, prod.mm(d_op, w_op), prod)
         return _Part(loss_sum, new_hidden, dense_grads, d_w, d_b, d_x)
 
     def run_epoch(
