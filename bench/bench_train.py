@@ -157,13 +157,19 @@ def lanes_ab(row: str, steps: int, rounds: int) -> list[dict]:
         for i in range(rounds):
             for mode in ("one thread", "two lanes") if i % 2 == 0 else ("two lanes", "one thread"):
                 trainer.lanes = lanes if mode == "two lanes" else None
-                wall, cpu = time.perf_counter(), time.process_time()
-                trainer.run_epoch(ds, 1)
-                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                out.append({"row": row, "round": i + 1, "mode": mode, "ms_per_step": round(wall / steps * 1e3, 2),
-                            "cpu_ms_per_step": round(cpu / steps * 1e3, 2), "load_avg_1m": round(os.getloadavg()[0], 2)})
-                print(json.dumps(out[-1]), flush=True)
+                out.append(_timed_epoch(trainer, ds, steps, row=row, round=i + 1, mode=mode))
     return out
+
+
+def _timed_epoch(trainer, ds, steps: int, **labels: object) -> dict:
+    """One epoch over the first ``steps`` steps: wall and CPU time per step and the load, printed as a line."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    trainer.run_epoch(ds, 1)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    record = labels | {"ms_per_step": round(wall / steps * 1e3, 2), "cpu_ms_per_step": round(cpu / steps * 1e3, 2),
+                       "load_avg_1m": round(os.getloadavg()[0], 2)}
+    print(json.dumps(record), flush=True)
+    return record
 
 
 def step_ab(row: str, steps: int, rounds: int) -> list[dict]:
@@ -185,12 +191,7 @@ def step_ab(row: str, steps: int, rounds: int) -> list[dict]:
         for i in range(rounds):
             for name in variants if i % 2 == 0 else list(variants)[::-1]:
                 trainer.products, optim.INPLACE_ROWS = variants[name]
-                wall, cpu = time.perf_counter(), time.process_time()
-                trainer.run_epoch(ds, 1)
-                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                out.append({"row": row, "round": i + 1, "variant": name, "ms_per_step": round(wall / steps * 1e3, 2),
-                            "cpu_ms_per_step": round(cpu / steps * 1e3, 2), "load_avg_1m": round(os.getloadavg()[0], 2)})
-                print(json.dumps(out[-1]), flush=True)
+                out.append(_timed_epoch(trainer, ds, steps, row=row, round=i + 1, variant=name))
     finally:
         optim.INPLACE_ROWS = True
     return out
