@@ -25,6 +25,8 @@ ROW_MULTIPLE = 64
 
 
 class Products(NamedTuple):
+    """How the step multiplies: ``FLOAT32`` (torch's products, unchanged) or ``BFLOAT16``."""
+
     dtype: torch.dtype | None  # the operands' dtype; None: float32 products as they come
 
     def cast(self, t: Tensor) -> Tensor:
@@ -40,7 +42,7 @@ class Products(NamedTuple):
         n = t.shape[dim]
         extra = -n % ROW_MULTIPLE
         if not extra:
-            return t.to(self.dtype)
+            return self.cast(t)
         out = t.new_empty(t.shape[0] + extra if dim == 0 else t.shape[0],
                           t.shape[1] + extra if dim == 1 else t.shape[1], dtype=self.dtype)
         out.narrow(dim, n, extra).zero_()
