@@ -13,7 +13,7 @@ say so (``acc_includes_eps``), and older checkpoints without it are read as plai
 Row gathers and scatters go through ``RowTable``: on CPU they use NumPy on the tensors' shared memory, which moves a step's ~1,500 rows 5-10x faster than ``index_select`` / ``index_copy_``
 (measured on torch 2.13, one thread); on other devices they are the torch ops. On CPU the row update itself
 runs in place on the tables (``pipeline.model.inplace``, compiled with Numba) instead of gather, update and
-scatter back.
+scatter back, and the same kernel updates each dense float32 parameter as a single row.
 """
 
 from __future__ import annotations
@@ -117,7 +117,15 @@ class AdagradM:
         self._vel_rows = {id(p): torch.zeros(p.shape[0], _width(p), dtype=p.dtype, device=p.device) for p in self.sparse}
         self._tables = {id(p): (RowTable(p), RowTable(self._acc_rows[id(p)]), RowTable(self._vel_rows[id(p)])) for p in self.sparse}
         host = INPLACE_ROWS and any(t[0].host is not None for t in self._tables.values())
-        self._row_kernel = load_row_kernel() if host else None
+        # Dense float32 CPU parameters take the same kernel, each as one row: one call per parameter instead of
+        # three multi-tensor passes (mul, fused Adagrad, add) over all of them
+        dense_host = HOST_ROW_OPS and INPLACE_ROWS and bool(self.dense) and all(_host_float32(p) for p in self.dense)
+        self._row_kernel = load_row_kernel() if host or dense_host else None
+        self._dense_rows: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
+        if dense_host:
+            vels = self._vel or self._acc  # without momentum the kernel never reads the velocity
+            self._dense_rows = [(_one_row(p.detach()), _one_row(a), _one_row(v))
+                                for p, a, v in zip(self.dense, self._acc, vels, strict=True)]
 
     def rows_of(self, param: nn.Parameter) -> RowTable:
         """Row gathers/scatters of one of the item tables."""
@@ -129,6 +137,10 @@ class AdagradM:
     def step_dense(self, grads: list[Tensor] | None = None) -> None:
         """Update the dense parameters from ``grads`` (in ``dense`` order) or else their ``.grad`` (those
         without a gradient are skipped)."""
+        if grads is not None and INPLACE_ROWS and self._row_kernel is not None and self._dense_rows is not None:
+            for (w, acc, vel), g in zip(self._dense_rows, grads, strict=True):
+                self._row_kernel(w, acc, vel, _ROW_ZERO, _one_row(g.contiguous()), self.lr, self.momentum)
+            return
         if grads is not None:
             have = list(range(len(self.dense)))
         else:
@@ -218,6 +230,18 @@ class AdagradM:
         for p, src in zip(self.sparse, state["rows"], strict=True):
             self._acc_rows[id(p)].copy_(src[:, 0]).add_(shift)
             self._vel_rows[id(p)].copy_(src[:, 1])
+
+
+_ROW_ZERO = np.zeros(1, np.int64)  # the row index of a dense parameter seen as one row
+
+
+def _host_float32(p: Tensor) -> bool:
+    return p.device.type == "cpu" and p.dtype == torch.float32 and p.is_contiguous()
+
+
+def _one_row(t: Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's memory as a NumPy array of one row (shared, not copied)."""
+    return t.view(1, -1).numpy()
 
 
 def _width(p: Tensor) -> int:

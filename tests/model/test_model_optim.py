@@ -148,6 +148,34 @@ def test_in_place_row_update_equals_gather_update_scatter(monkeypatch, momentum,
         assert torch.equal(tables[True][row], start[row])
 
 
+@pytest.mark.parametrize("momentum", [0.0, MOM])
+def test_in_place_dense_update_equals_multi_tensor_update(monkeypatch, momentum):
+    """Dense float32 CPU parameters updated by the compiled kernel (each as one row) and by the multi-tensor
+    path give the same parameters, accumulators and velocities, step after step."""
+    from pipeline.model import optim
+
+    torch.manual_seed(4)
+    params = {flag: [nn.Parameter(torch.randn(5, 3)), nn.Parameter(torch.randn(7))] for flag in (True, False)}
+    for a, b in zip(params[True], params[False], strict=True):
+        b.data.copy_(a.data)
+    opts = {}
+    for flag in (True, False):
+        monkeypatch.setattr(optim, "INPLACE_ROWS", flag)
+        opts[flag] = AdagradM(params[flag], [], lr=LR, momentum=momentum)
+    assert opts[True]._dense_rows is not None and opts[False]._dense_rows is None  # each really took its path
+    for _ in range(4):
+        grads = [torch.randn(5, 3), torch.randn(7)]
+        for flag in (True, False):
+            monkeypatch.setattr(optim, "INPLACE_ROWS", flag)
+            opts[flag].step_dense([g.clone() for g in grads])
+    for a, b in zip(params[True], params[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    state = {flag: opts[flag].state_dict() for flag in (True, False)}
+    for key in ("dense_acc", "dense_vel"):
+        for a, b in zip(state[True][key], state[False][key], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_in_place_kernel_compiles_where_no_cache_can_be_written(monkeypatch):
     """A read-only install without a writable home leaves Numba nowhere to cache: the kernel then compiles in
     each process instead of failing the import."""
