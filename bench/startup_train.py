@@ -1,10 +1,12 @@
 """Start-up of ``python -m pipeline train``: seconds from launching the process to its first training step.
 
     .venv/bin/python bench/startup_train.py --old /tmp/main-before --runs 3
+    .venv/bin/python bench/startup_train.py --old /tmp/main-before --runs 3 --whole 1 3   # and whole commands
 
 Each run launches ``python -m pipeline train`` (RSC15 row, ../shared/data/yoochoose-100k/train_tr.tsv) in a fresh
 process of one checkout, with a small wrapper that notes the time when ``Trainer._step`` is first called and
-ends the process there. Checkouts alternate. Also times ``python -m pipeline --help``.
+ends the process there. Checkouts alternate. Also times ``python -m pipeline --help`` and, with ``--whole``,
+complete ``train`` commands (start-up, the epochs, the checkpoint and metrics written).
 """
 
 from __future__ import annotations
@@ -45,10 +47,24 @@ RSC15 = ["loss=cross-entropy", "layers=[100]", "batch_size=32", "dropout_p_hidde
          "momentum=0.2", "sample_alpha=0.5", "logq=1.0", "n_epochs=1"]
 
 
+def _train_argv(out: str, epochs: int) -> list[str]:
+    settings = [s for s in RSC15 if not s.startswith("n_epochs=")] + [f"n_epochs={epochs}"]
+    return ["train", "--train", str(DATA / "train_tr.tsv"), "--out", out, "--device", "cpu"] + [
+        a for s in settings for a in ("--set", f"gru4rec.{s}")]  # old and new CLIs take it
+
+
+def whole_seconds(checkout: Path, epochs: int) -> float:
+    """Seconds of a whole ``python -m pipeline train`` of ``epochs`` epochs, launch to exit."""
+    with tempfile.TemporaryDirectory() as out:
+        began = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pipeline", *_train_argv(out, epochs)], cwd=checkout,
+                       env=os.environ | {"PYTHONPATH": str(checkout)}, check=True, capture_output=True)
+        return time.perf_counter() - began
+
+
 def first_step_seconds(checkout: Path) -> float:
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-c", WRAPPER, "train", "--train", str(DATA / "train_tr.tsv"), "--out", out,
-               "--device", "cpu"] + [a for s in RSC15 for a in ("--set", f"gru4rec.{s}")]  # old and new CLIs take it
+        cmd = [sys.executable, "-c", WRAPPER, *_train_argv(out, 1)]
         env = os.environ | {"PYTHONPATH": str(checkout), "LAUNCHED_AT": repr(time.time())}
         res = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, check=False)
     lines = [line for line in res.stdout.splitlines() if line.startswith("FIRST_STEP")]
@@ -69,19 +85,26 @@ def main() -> int:
     p.add_argument("--old", type=Path, required=True)
     p.add_argument("--new", type=Path, default=REPO)
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--whole", type=int, nargs="*", default=[], metavar="EPOCHS",
+                   help="also time whole train commands of these many epochs, launch to exit (e.g. --whole 1 3)")
     args = p.parse_args()
     times: dict[str, list[float]] = {"old": [], "new": []}
     helps: dict[str, list[float]] = {"old": [], "new": []}
+    wholes: dict[tuple[str, int], list[float]] = {(side, e): [] for side in ("old", "new") for e in args.whole}
     for i in range(args.runs):
         sides = [("old", args.old), ("new", args.new)]
         for side, checkout in sides if i % 2 == 0 else sides[::-1]:
             times[side].append(first_step_seconds(checkout.resolve()))
             helps[side].append(help_seconds(checkout.resolve()))
-            print(f"round {i + 1} {side}: first step at {times[side][-1]:.2f} s, --help {helps[side][-1]:.2f} s "
-                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
+            for e in args.whole:
+                wholes[side, e].append(whole_seconds(checkout.resolve(), e))
+            print(f"round {i + 1} {side}: first step at {times[side][-1]:.2f} s, --help {helps[side][-1]:.2f} s"
+                  + "".join(f", {e}-epoch train {wholes[side, e][-1]:.2f} s" for e in args.whole)
+                  + f" (load {os.getloadavg()[0]:.1f})", flush=True)
     for side in ("old", "new"):
         print(f"{side}: first step median {statistics.median(times[side]):.2f} s "
-              f"({', '.join(f'{t:.2f}' for t in times[side])}); --help median {statistics.median(helps[side]):.2f} s")
+              f"({', '.join(f'{t:.2f}' for t in times[side])}); --help median {statistics.median(helps[side]):.2f} s"
+              + "".join(f"; {e}-epoch train median {statistics.median(wholes[side, e]):.2f} s" for e in args.whole))
     return 0
 
 

@@ -3,7 +3,8 @@
 NumPy and torch have no "update these rows in place" operation, so the plain path gathers the rows of the
 table, its accumulator and its velocity, updates the copies and scatters all three back: six passes of
 row traffic. This kernel reads and writes each row once, where it lies. One RetailRocket step moves
-~1,400 rows of 224 floats per table; docs/benchmarks.md has the figures.
+~1,400 rows of 224 floats per table; docs/benchmarks.md has the figures. ``pipeline.model.optim`` also passes
+each dense parameter (a GRU weight or bias) as a table of one row: one call instead of three multi-tensor passes.
 
 The arithmetic is ``pipeline.model.optim``'s, element by element and in float32:
 ``acc += g * g; v = momentum * v - lr * g / sqrt(acc); w += v`` (``acc`` holds the sum plus eps), or

@@ -138,8 +138,8 @@ class AdagradM:
         """Update the dense parameters from ``grads`` (in ``dense`` order) or else their ``.grad`` (those
         without a gradient are skipped)."""
         if grads is not None and INPLACE_ROWS and self._row_kernel is not None and self._dense_rows is not None:
-            for (w, acc, vel), g in zip(self._dense_rows, grads, strict=True):
-                self._row_kernel(w, acc, vel, _ROW_ZERO, _one_row(g.contiguous()), self.lr, self.momentum)
+            for (w, acc, vel), grad in zip(self._dense_rows, grads, strict=True):
+                self._row_kernel(w, acc, vel, _ROW_ZERO, _one_row(grad.contiguous()), self.lr, self.momentum)
             return
         if grads is not None:
             have = list(range(len(self.dense)))

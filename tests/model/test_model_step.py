@@ -60,6 +60,23 @@ def test_grouped_cross_entropy_equals_the_column_definition_and_its_gradient(log
     torch.testing.assert_close(grad, grouped.grad / b, rtol=1e-5, atol=1e-9)
 
 
+def test_grouped_cross_entropy_in_float32_stays_exact_where_probabilities_underflow():
+    """Scores far apart (target probabilities below float32's smallest value): the float32 loss still equals the
+    float64 definition; nothing takes the log of an underflowed probability."""
+    plan, grouped, col_of, log_q = _grouped_inputs(1, logq=1.0)
+    spread = grouped.detach() * 60  # gaps of hundreds between scores of a row
+    reference = losses.cross_entropy(spread[:, col_of], log_q, 1.0)
+    loss, grad = losses.cross_entropy_grouped(
+        spread.float(), torch.as_tensor(plan.log_weight).float(), torch.as_tensor(plan.y_col),
+        torch.as_tensor(plan.target_shift).float(), 1.0,
+    )
+    log_weight, y_col = torch.as_tensor(plan.log_weight).float(), torch.as_tensor(plan.y_col)
+    target_p = torch.softmax(spread.float() + log_weight, 1).gather(1, y_col.unsqueeze(1))
+    assert (target_p == 0).any()  # some targets' probabilities do underflow here
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert torch.isfinite(grad).all()
+
+
 @pytest.mark.parametrize("bpreg,elu", [(0.0, 0.0), (1.95, 0.0), (1.95, 0.5), (0.9, 1.0)])
 def test_grouped_bpr_max_equals_the_column_definition_and_its_gradient(bpreg, elu):
     for seed in range(3):
