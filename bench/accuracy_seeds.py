@@ -5,8 +5,9 @@
 
 The slow test (tests/model/test_model_accuracy.py) checks seed 42 against the reference; this runs the same
 10 epochs on ../shared/data/yoochoose-100k and evaluation (Recall@20 / MRR@20, conservative ties) for every
-(row, seed, matmul_precision) given, one JSON line each. ``--rows-plain`` adds, for each, a run with the row
-update gathered, updated and scattered back instead of in place (``optim.INPLACE_ROWS``).
+(row, seed, matmul_precision) given, one JSON line each. ``--rows-plain`` adds, for each, a run without the
+compiled kernel (``optim.INPLACE_ROWS``): rows gathered, updated and scattered back, dense parameters by
+multi-tensor ops.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def main() -> int:
     p.add_argument("--rows", nargs="+", default=["rsc15", "retailrocket"], choices=("rsc15", "retailrocket"))
     p.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
     p.add_argument("--precisions", nargs="+", default=["medium"], choices=("highest", "high", "medium"))
-    p.add_argument("--rows-plain", action="store_true", help="also run each with the row update not in place")
+    p.add_argument("--rows-plain", action="store_true", help="also run each without the compiled update kernel")
     p.add_argument("--epochs", type=int, default=10)
     args = p.parse_args()
     if not DATA.exists():

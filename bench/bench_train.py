@@ -173,9 +173,10 @@ def _timed_epoch(trainer, ds, steps: int, **labels: object) -> dict:
 
 
 def step_ab(row: str, steps: int, rounds: int) -> list[dict]:
-    """The same steps in one process with each variant of this session's two step changes, alternating:
-    float32 against bfloat16 products (``pipeline.model.products``), and the row update gathered, updated and
-    scattered back against in place (``optim.INPLACE_ROWS``). Wall and CPU time per step, and the load."""
+    """The same steps in one process with each variant of the fourth session's two step changes, alternating:
+    float32 against bfloat16 products (``pipeline.model.products``), and the updates without the compiled kernel
+    (``optim.INPLACE_ROWS`` off: rows gathered, updated and scattered back; since the fifth session, the dense
+    parameters by multi-tensor ops too) against with it. Wall and CPU time per step, and the load."""
     import torch
 
     from pipeline.model import optim
@@ -185,7 +186,7 @@ def step_ab(row: str, steps: int, rounds: int) -> list[dict]:
     trainer, ds = _first_steps(row, steps)
     trainer.run_epoch(ds, 0)  # warm-up
     variants = {"bfloat16 products": (BFLOAT16, True), "float32 products": (FLOAT32, True),
-                "rows gathered + scattered": (BFLOAT16, False)}
+                "no compiled kernel": (BFLOAT16, False)}
     out = []
     try:
         for i in range(rounds):
