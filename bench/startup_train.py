@@ -44,11 +44,11 @@ except ModuleNotFoundError:  # before the layout of issue 13
 sys.exit(main(sys.argv[1:]))
 """
 RSC15 = ["loss=cross-entropy", "layers=[100]", "batch_size=32", "dropout_p_hidden=0.4", "learning_rate=0.2",
-         "momentum=0.2", "sample_alpha=0.5", "logq=1.0", "n_epochs=1"]
+         "momentum=0.2", "sample_alpha=0.5", "logq=1.0"]
 
 
 def _train_argv(out: str, epochs: int) -> list[str]:
-    settings = [s for s in RSC15 if not s.startswith("n_epochs=")] + [f"n_epochs={epochs}"]
+    settings = [*RSC15, f"n_epochs={epochs}"]
     return ["train", "--train", str(DATA / "train_tr.tsv"), "--out", out, "--device", "cpu"] + [
         a for s in settings for a in ("--set", f"gru4rec.{s}")]  # old and new CLIs take it
 

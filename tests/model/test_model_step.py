@@ -66,11 +66,8 @@ def test_grouped_cross_entropy_in_float32_stays_exact_where_probabilities_underf
     plan, grouped, col_of, log_q = _grouped_inputs(1, logq=1.0)
     spread = grouped.detach() * 60  # gaps of hundreds between scores of a row
     reference = losses.cross_entropy(spread[:, col_of], log_q, 1.0)
-    loss, grad = losses.cross_entropy_grouped(
-        spread.float(), torch.as_tensor(plan.log_weight).float(), torch.as_tensor(plan.y_col),
-        torch.as_tensor(plan.target_shift).float(), 1.0,
-    )
     log_weight, y_col = torch.as_tensor(plan.log_weight).float(), torch.as_tensor(plan.y_col)
+    loss, grad = losses.cross_entropy_grouped(spread.float(), log_weight, y_col, torch.as_tensor(plan.target_shift).float(), 1.0)
     target_p = torch.softmax(spread.float() + log_weight, 1).gather(1, y_col.unsqueeze(1))
     assert (target_p == 0).any()  # some targets' probabilities do underflow here
     assert torch.isfinite(loss) and loss.item() == pytest.approx(reference.item(), rel=1e-5)
