@@ -173,10 +173,10 @@ def _timed_epoch(trainer, ds, steps: int, **labels: object) -> dict:
 
 
 def step_ab(row: str, steps: int, rounds: int) -> list[dict]:
-    """The same steps in one process with each variant of the fourth session's two step changes, alternating:
-    float32 against bfloat16 products (``pipeline.model.products``), and the updates without the compiled kernel
-    (``optim.INPLACE_ROWS`` off: rows gathered, updated and scattered back; since the fifth session, the dense
-    parameters by multi-tensor ops too) against with it. Wall and CPU time per step, and the load."""
+    """The same steps in one process with each variant, alternating: float32 against bfloat16 products
+    (``pipeline.model.products``), and the updates without the compiled kernel (``optim.INPLACE_ROWS`` off: rows
+    gathered, updated and scattered back, dense parameters by multi-tensor ops) against with it. Wall and CPU
+    time per step, and the load."""
     import torch
 
     from pipeline.model import optim

@@ -65,8 +65,8 @@ class RowTable:
 
 def load_row_kernel() -> Callable[..., None]:
     """The in-place row kernel (``pipeline.model.inplace.adagrad_rows``), compiled or loaded from its cache:
-    ~0.5 s once per process. Numba is imported here, when an optimizer with CPU tables is built, not at CLI
-    start-up."""
+    ~0.5 s once per process. Numba is imported here, when an optimizer with CPU tables or dense float32 CPU
+    parameters is built, not at CLI start-up."""
     from pipeline.model import inplace
 
     inplace.load()
